@@ -1,0 +1,3 @@
+"""stabilizer: numerical-stability diagnostics for Q-Former LoRA fine-tuning."""
+
+__version__ = "0.1.0"

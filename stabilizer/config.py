@@ -1,0 +1,207 @@
+"""Run configuration: validated dataclasses, one place for every default.
+
+Each field's ``metadata["help"]`` is what ``stabilizer train --help`` shows, so
+the CLI and the Python API document the same thing.
+
+    >>> cfg = TrainConfig(max_steps=100, lr=1e-3)
+    >>> cfg.to_dict()["lora"]["rank"]
+    8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stabilizer.errors import ConfigError
+from stabilizer.models.lora import LoraSettings
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+ADAPTER_DTYPES = ("fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+BAD_SAMPLE_POLICIES = ("error", "skip")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as ``runs/<name>/config.json``."""
+
+    model: str = field(
+        default="tiny-instructblip-t5",
+        metadata=_help("preset name, local folder (save_pretrained output) or hub id"),
+    )
+    dataset: str = field(
+        default="easy-vqa",
+        metadata=_help(
+            "easy-vqa, a ScienceQA or IconQA folder, a .jsonl file, or scienceqa:/iconqa:/jsonl:PATH"
+        ),
+    )
+    train_split: str = field(default="train", metadata=_help("split to train on"))
+    eval_split: str = field(default="test", metadata=_help("split to evaluate on"))
+    max_train_samples: int | None = field(
+        default=None, metadata=_help("use only the first N training samples")
+    )
+    max_eval_samples: int | None = field(
+        default=1000, metadata=_help("evaluate on the first N samples of the eval split")
+    )
+    max_steps: int | None = field(
+        default=2500, metadata=_help("optimizer steps to train; overrides --epochs when both set")
+    )
+    epochs: float | None = field(default=None, metadata=_help("passes over the training data"))
+    batch_size: int = field(default=32, metadata=_help("samples per micro-batch"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    lr: float = field(default=3e-3, metadata=_help("peak learning rate of AdamW"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
+    warmup_steps: int = field(default=50, metadata=_help("linear warm-up steps"))
+    schedule: str = field(
+        default="cosine", metadata=_help("decay after warm-up: cosine, linear or constant")
+    )
+    max_grad_norm: float | None = field(
+        default=1.0, metadata=_help("clip the gradient norm to this (none: no clipping)")
+    )
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    precision: str = field(
+        default="fp32",
+        metadata=_help("fp32; bf16 autocast; fp16 autocast with GradScaler (base weights in it)"),
+    )
+    adapter_dtype: str = field(
+        default="fp32",
+        metadata=_help(
+            "dtype of the trainable tensors; fp16 reproduces the classic failure on purpose "
+            "(fp16 base and adapters, AdamW state in fp16, no GradScaler)"
+        ),
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("recompute LM activations in backward to save memory")
+    )
+    seed: int = field(default=0, metadata=_help("seed for weights of presets, data order, RNG"))
+    device: str = field(default="auto", metadata=_help("auto (cuda if available), cpu or cuda"))
+    eval_every: int | None = field(
+        default=None, metadata=_help("evaluate every N steps (the end of training always)")
+    )
+    eval_batch_size: int = field(default=64, metadata=_help("samples per evaluation batch"))
+    save_every: int | None = field(default=500, metadata=_help("checkpoint every N steps"))
+    save_every_epochs: int | None = field(default=None, metadata=_help("checkpoint every N epochs"))
+    keep_last: int | None = field(
+        default=2, metadata=_help("keep the last K checkpoints (the final one is always kept)")
+    )
+    log_every: int = field(default=10, metadata=_help("log loss/lr/grad norm every N steps"))
+    on_bad_sample: str = field(
+        default="error", metadata=_help("error: stop naming the record; skip: drop and count it")
+    )
+    max_prompt_tokens: int = field(default=128, metadata=_help("prompt tokens kept (the end)"))
+    max_answer_tokens: int = field(default=16, metadata=_help("answer tokens kept"))
+    run_dir: Path | None = field(default=None, metadata=_help("run folder (default runs/<name>)"))
+    run_name: str | None = field(
+        default=None, metadata=_help("name of the run folder under runs/ (default: a timestamp)")
+    )
+    trace: bool = field(
+        default=False, metadata=_help("probe every Q-Former layer (recorded in the config)")
+    )
+    blank_and_shuffled_eval: bool = field(
+        default=True,
+        metadata=_help("also evaluate with blank and shuffled images, to show the image is used"),
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        if self.run_dir is not None:
+            self.run_dir = Path(self.run_dir)
+        _positive("--batch-size", self.batch_size)
+        _positive("--grad-accum", self.grad_accum)
+        _positive("--eval-batch-size", self.eval_batch_size)
+        _positive("--log-every", self.log_every)
+        _positive("--max-answer-tokens", self.max_answer_tokens)
+        _positive("--max-prompt-tokens", self.max_prompt_tokens)
+        for name, value in (
+            ("--max-steps", self.max_steps),
+            ("--eval-every", self.eval_every),
+            ("--save-every", self.save_every),
+            ("--save-every-epochs", self.save_every_epochs),
+            ("--keep-last", self.keep_last),
+            ("--max-train-samples", self.max_train_samples),
+            ("--max-eval-samples", self.max_eval_samples),
+        ):
+            if value is not None:
+                _positive(name, value)
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ConfigError(f"--epochs must be a positive number, got {self.epochs}")
+        if self.max_steps is None and self.epochs is None:
+            raise ConfigError("set --max-steps or --epochs: training needs an end")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not self.adam_eps >= 0:
+            raise ConfigError(f"--adam-eps must be >= 0, got {self.adam_eps}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
+        _choice("--precision", self.precision, PRECISIONS)
+        _choice("--adapter-dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        _choice("--schedule", self.schedule, SCHEDULES)
+        _choice("--on-bad-sample", self.on_bad_sample, BAD_SAMPLE_POLICIES)
+        _choice("--device", self.device, DEVICES)
+
+    @property
+    def reproduces_classic_failure(self) -> bool:
+        """``--adapter-dtype fp16``: adapters, their AdamW state and the base all in fp16."""
+        return self.adapter_dtype == "fp16"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["run_dir"] = str(self.run_dir) if self.run_dir is not None else None
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: no such file; is this a stabilizer run folder?") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data, source=str(path))
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of one config field (used by the CLI)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)
+
+
+def _positive(option: str, value: int | float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{option} must be positive, got {value}")
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{option} must be one of {', '.join(allowed)}, got '{value}'")

@@ -1,0 +1,108 @@
+"""Offline tokenizers and processors for presets built from config.
+
+Presets must run with no hub access, so their tokenizers are trained here, at
+build time, from a fixed corpus. WordPiece over the easy-vqa vocabulary keeps
+easy-vqa words whole (short sequences, fast training) while the ASCII alphabet
+lets any other dataset's text be encoded piece by piece instead of as [UNK].
+"""
+
+from __future__ import annotations
+
+import string
+from functools import lru_cache
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@lru_cache(maxsize=1)
+def _corpus() -> tuple[str, ...]:
+    """Every question and answer of easy-vqa, plus prompt scaffolding words."""
+    import easy_vqa
+
+    questions, answers, _ = easy_vqa.get_train_questions()
+    test_questions, _, _ = easy_vqa.get_test_questions()
+    scaffolding = ["question answer context options choose yes no the a an of"]
+    return tuple(questions) + tuple(test_questions) + tuple(answers) + tuple(scaffolding)
+
+
+@lru_cache(maxsize=4)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok.to_str()
+
+
+def build_tokenizer(vocab_size: int = 384, *, add_bos: bool) -> PreTrainedTokenizerFast:
+    """A deterministic word-piece tokenizer trained on easy-vqa text.
+
+    ``add_bos`` frames each text as ``[BOS] ... `` (decoder-only LMs, like OPT's
+    ``</s>`` prefix); otherwise as ``... [EOS]`` (T5 style). The frame is part of
+    the tokenizer so the collator can treat hub and preset tokenizers alike.
+
+    >>> tok = build_tokenizer(add_bos=False)
+    >>> tok.decode(tok("what color is the shape?").input_ids, skip_special_tokens=True)
+    'what color is the shape?'
+    """
+    from tokenizers import processors
+
+    tok = Tokenizer.from_str(_trained_tokenizer_json(vocab_size))
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[BOS] $A", special_tokens=[("[BOS]", tok.token_to_id("[BOS]"))]
+        )
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A [EOS]", special_tokens=[("[EOS]", tok.token_to_id("[EOS]"))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_processor(
+    *,
+    family: str,
+    num_query_tokens: int,
+    image_size: int,
+    decoder_only: bool,
+    vocab_size: int = 384,
+):
+    """The processor of a preset: image processor, LM tokenizer (+ Q-Former tokenizer).
+
+    The processor adds ``<image>`` to the LM tokenizer, so the LM vocabulary must be
+    larger than the tokenizer's; the caller sets ``config.image_token_index`` to
+    ``processor.tokenizer.convert_tokens_to_ids("<image>")``.
+    """
+    from transformers import Blip2Processor, InstructBlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    # The PIL processor avoids torchvision, which the CPU torch wheel lacks.
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    tokenizer = build_tokenizer(vocab_size, add_bos=decoder_only)
+    if family == "instructblip":
+        qformer_tokenizer = build_tokenizer(vocab_size, add_bos=False)
+        return InstructBlipProcessor(
+            image_processor, tokenizer, qformer_tokenizer, num_query_tokens=num_query_tokens
+        )
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)

@@ -1,0 +1,467 @@
+"""The training loop: LoRA on the Q-Former, readable top to bottom.
+
+    >>> from stabilizer.config import TrainConfig
+    >>> from stabilizer.train import train
+    >>> result = train(TrainConfig(max_steps=20, batch_size=8))
+    >>> result.run_dir, result.final_eval["real"].accuracy
+
+One step is: micro-batches (forward under the precision's autocast, backward,
+scaled by the GradScaler in fp16), then unscale, clip, optimizer step, schedule
+step. The only host-device syncs are at log steps (losses and grad norms are
+kept on the device in between), at evaluation and at checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from stabilizer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from stabilizer.config import TrainConfig
+from stabilizer.data import check_samples, load_samples
+from stabilizer.data.collate import BatchEncoder
+from stabilizer.data.sample import VQASample
+from stabilizer.errors import BadSampleError, ConfigError
+from stabilizer.evaluate import EvalResult, evaluate
+from stabilizer.models.loading import LoadedModel, load_model
+from stabilizer.models.lora import (
+    allowed_components,
+    apply_lora,
+    parameter_table,
+    verify_lora_scope,
+)
+from stabilizer.precision import PrecisionPlan, plan_precision
+from stabilizer.rundir import (
+    EVAL_FILE,
+    MetricsLog,
+    choose_run_dir,
+    prepare_run_dir,
+    write_json_atomic,
+)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``losses[i]`` is the loss of optimizer step ``start_step + i``."""
+
+    run_dir: Path
+    start_step: int
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    nonfinite_steps: int = 0
+    skipped_bad_samples: int = 0
+    final_eval: dict[str, EvalResult] = field(default_factory=dict)
+    majority_baseline: dict[str, float] = field(default_factory=dict)
+    last_checkpoint: Path | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to torch")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, plan: PrecisionPlan, device: torch.device):
+    """Load the base model, put LoRA on its Q-Former, check the scope. ``(loaded, peft_model)``."""
+    loaded = load_model(cfg.model, seed=cfg.seed, dtype=plan.base_dtype, device="cpu")
+    peft_model = apply_lora(
+        loaded.model,
+        cfg.lora,
+        adapter_dtype=plan.trainable_dtype if cfg.reproduces_classic_failure else None,
+    )
+    if cfg.reproduces_classic_failure:
+        # The original report cast the wrapped model to half after get_peft_model,
+        # which undoes peft's fp32 upcast of the adapters: do exactly that.
+        peft_model.half()
+    verify_lora_scope(peft_model, allowed_components(cfg.lora))
+    if cfg.gradient_checkpointing:
+        loaded.model.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    peft_model.to(device)
+    return loaded, peft_model
+
+
+def make_encoder(loaded: LoadedModel, cfg: TrainConfig) -> BatchEncoder:
+    text_config = loaded.model.config.text_config
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    return BatchEncoder(
+        loaded.processor,
+        family=loaded.family,
+        decoder_only=loaded.decoder_only,
+        num_query_tokens=loaded.num_query_tokens,
+        image_token_id=loaded.image_token_id,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        max_answer_tokens=cfg.max_answer_tokens,
+        max_lm_positions=max_positions if loaded.decoder_only else None,
+    )
+
+
+def load_checked_samples(
+    cfg: TrainConfig, split: str, limit: int | None, encoder: BatchEncoder, console: Console
+) -> tuple[list[VQASample], list[BadSampleError]]:
+    """Load a split, check images and text, and check that every answer leaves a label."""
+    samples = load_samples(cfg.dataset, split, limit=limit)
+    if not samples:
+        raise ConfigError(f"--dataset {cfg.dataset}: split '{split}' has no usable sample")
+    good, bad = check_samples(samples, cfg.on_bad_sample)
+    kept = []
+    for sample in good:
+        try:
+            encoder.train_batch([sample], pixel_values=torch.zeros(1))
+        except BadSampleError as err:
+            if cfg.on_bad_sample == "error":
+                raise
+            bad.append(err)
+            continue
+        kept.append(sample)
+    if bad:
+        console.print(
+            f"[yellow]skipped {len(bad)} bad sample(s) of split '{split}' "
+            f"(--on-bad-sample skip); first: {bad[0]}[/yellow]"
+        )
+    return kept, bad
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, betas=(0.9, 0.999)
+    )
+
+
+def make_schedule(optimizer, cfg: TrainConfig, total_steps: int):
+    warmup = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if cfg.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class DataOrder:
+    """Which samples form micro-batch ``m``: a fixed function of (seed, epoch, position).
+
+    Keeping the order a pure function of the micro-batch index is what lets
+    ``--resume`` continue with exactly the batches an uninterrupted run would see.
+    """
+
+    def __init__(self, n_samples: int, batch_size: int, seed: int) -> None:
+        self.n = n_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.per_epoch = n_samples // batch_size
+        if self.per_epoch == 0:
+            raise ConfigError(
+                f"--batch-size {batch_size} is larger than the {n_samples} training samples"
+            )
+        self._epoch = -1
+        self._order: list[int] = []
+
+    def indices(self, micro_batch: int) -> tuple[int, list[int]]:
+        epoch, position = divmod(micro_batch, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = torch.randperm(self.n, generator=gen).tolist()
+            self._epoch = epoch
+        start = position * self.batch_size
+        return epoch, self._order[start : start + self.batch_size]
+
+
+def total_steps_of(cfg: TrainConfig, order: DataOrder) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * order.per_epoch / cfg.grad_accum))
+
+
+def majority_baseline(train: Sequence[VQASample], test: Sequence[VQASample]) -> dict[str, float]:
+    """Accuracy of always answering the most common training answer (overall and by type)."""
+    if not train or not test:
+        return {}
+    answer = Counter(s.answer for s in train).most_common(1)[0][0]
+    out = {"all": sum(s.answer == answer for s in test) / len(test)}
+    for qtype in sorted({s.question_type for s in test}):
+        rows = [s for s in test if s.question_type == qtype]
+        out[qtype] = sum(s.answer == answer for s in rows) / len(rows)
+    return out
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = None) -> TrainResult:
+    """Run training as ``cfg`` says; returns the run folder, losses and the final evaluation."""
+    console = console or Console()
+    device = resolve_device(cfg.device)
+    plan = plan_precision(cfg.precision, cfg.adapter_dtype)
+    run_dir = choose_run_dir(cfg)
+    if resume and find_latest_checkpoint(run_dir) is None:
+        raise ConfigError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+    prepare_run_dir(run_dir, cfg, resume=resume)
+    seed_everything(cfg.seed)
+    if cfg.reproduces_classic_failure:
+        console.print(
+            "[bold yellow]--adapter-dtype fp16: reproducing the classic failure on purpose: "
+            "base, LoRA adapters and AdamW state in fp16, no autocast, no GradScaler.[/]"
+        )
+
+    # -- model ---------------------------------------------------------------
+    loaded, model = build_model(cfg, plan, device)
+    console.print(parameter_table(model, title=f"Trainable parameters ({cfg.model})"))
+
+    # -- data ----------------------------------------------------------------
+    encoder = make_encoder(loaded, cfg)
+    train_samples, train_bad = load_checked_samples(
+        cfg, cfg.train_split, cfg.max_train_samples, encoder, console
+    )
+    eval_samples, eval_bad = load_checked_samples(
+        cfg, cfg.eval_split, cfg.max_eval_samples, encoder, console
+    )
+    order = DataOrder(len(train_samples), cfg.batch_size, cfg.seed)
+    total_steps = total_steps_of(cfg, order)
+    console.print(
+        f"data: {len(train_samples):,} train / {len(eval_samples):,} eval samples from "
+        f"{cfg.dataset}; {total_steps:,} steps of {cfg.batch_size}x{cfg.grad_accum}; "
+        f"run folder {run_dir}"
+    )
+
+    # -- optimisation ----------------------------------------------------------
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_schedule(optimizer, cfg, total_steps)
+    scaler = plan.grad_scaler(device.type)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    start_step = 0
+    if resume:
+        ckpt = find_latest_checkpoint(run_dir)
+        state = load_checkpoint(
+            ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+        )
+        start_step = int(state["step"])
+        console.print(f"resumed from {ckpt} at step {start_step}")
+
+    result = TrainResult(
+        run_dir=run_dir,
+        start_step=start_step,
+        steps=total_steps,
+        skipped_bad_samples=len(train_bad) + len(eval_bad),
+    )
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    # Per-step values stay on the device until a log step copies them at once.
+    pending_loss: list[torch.Tensor] = []
+    pending_norm: list[torch.Tensor] = []
+    warned_nonfinite = False
+    epoch = 0
+
+    def flush_pending(step: int) -> None:
+        nonlocal warned_nonfinite
+        if not pending_loss:
+            return
+        # One device->host copy for all steps since the last log: a deliberate sync.
+        values = torch.stack([*pending_loss, *pending_norm]).float().cpu().tolist()
+        n = len(pending_loss)
+        losses, norms = values[:n], values[n:]
+        first = step - n + 1
+        for offset, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
+            metrics.write(
+                {
+                    "kind": "train",
+                    "step": first + offset,
+                    "loss": loss,
+                    "grad_norm": norm,
+                    "lr": scheduler.get_last_lr()[0],
+                    "epoch": epoch,
+                }
+            )
+        result.losses.extend(losses)
+        result.grad_norms.extend(norms)
+        bad = [first + i for i, v in enumerate(losses) if not math.isfinite(v)]
+        result.nonfinite_steps += len(bad)
+        if bad and not warned_nonfinite:
+            warned_nonfinite = True
+            console.print(
+                f"[bold red]loss is not finite at step {bad[0]}[/]: the run goes on, but "
+                "nothing is being learned. Rerun with --trace to find the first module and "
+                "the cause."
+            )
+        pending_loss.clear()
+        pending_norm.clear()
+
+    def checkpoint(step: int) -> None:
+        result.last_checkpoint = save_checkpoint(
+            run_dir,
+            step,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            extra={"epoch": epoch, "total_steps": total_steps},
+            keep_last=cfg.keep_last,
+        )
+
+    model.train()
+    interactive = console.is_terminal
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not interactive,
+    )
+    task = progress.add_task("train", total=total_steps, completed=start_step, status="")
+    plain_every = max(cfg.log_every, total_steps // 20)
+    started = time.perf_counter()
+    last_log_time, last_log_step = started, start_step
+    try:
+        with progress:
+            for step in range(start_step, total_steps):
+                step_loss = torch.zeros((), device=device)
+                for micro in range(cfg.grad_accum):
+                    epoch, idx = order.indices(step * cfg.grad_accum + micro)
+                    batch = encoder.train_batch([train_samples[i] for i in idx])
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    with plan.autocast(device.type):
+                        loss = model(**batch).loss / cfg.grad_accum
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    step_loss += loss.detach().float()
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                # max_norm=inf measures without clipping, so the norm is always logged.
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+                if scaler is not None:
+                    scaler.step(optimizer)  # skips the update when grads hold inf/NaN
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                pending_loss.append(step_loss)
+                pending_norm.append(grad_norm.detach())
+
+                done = step + 1
+                if done % cfg.log_every == 0 or done == total_steps:
+                    flush_pending(step)
+                    now = time.perf_counter()
+                    rate = (done - last_log_step) / max(now - last_log_time, 1e-9)
+                    last_log_time, last_log_step = now, done
+                    status = (
+                        f"loss {result.losses[-1]:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
+                        f"grad {result.grad_norms[-1]:.3g}  {rate:.1f} it/s  "
+                        f"non-finite {result.nonfinite_steps}"
+                    )
+                    progress.update(task, completed=done, status=status)
+                    if not interactive and (done % plain_every == 0 or done == total_steps):
+                        console.print(f"step {done}/{total_steps}  {status}")
+                if cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
+                    quick = run_eval(model, encoder, eval_samples, cfg, device, plan, ["real"])
+                    metrics.write({"kind": "eval", "step": done, **quick["real"].to_dict()})
+                    console.print(f"step {done}: eval accuracy {quick['real'].accuracy:.3f}")
+                if _due(cfg, done, order) and done != total_steps:
+                    checkpoint(done)
+            flush_pending(total_steps - 1)
+        checkpoint(total_steps)  # the final checkpoint is always written
+    except BaseException:
+        # Nothing logged is lost on a crash or Ctrl-C: write what is pending first.
+        flush_pending(start_step + len(result.losses) + len(pending_loss) - 1)
+        metrics.close()
+        raise
+    elapsed = time.perf_counter() - started
+    console.print(
+        f"trained {total_steps - start_step} steps in {elapsed:.1f} s; "
+        f"final checkpoint {result.last_checkpoint}"
+    )
+
+    # -- final evaluation -----------------------------------------------------------
+    modes = ["real", "blank", "shuffled"] if cfg.blank_and_shuffled_eval else ["real"]
+    result.final_eval = run_eval(model, encoder, eval_samples, cfg, device, plan, modes)
+    result.majority_baseline = majority_baseline(train_samples, eval_samples)
+    for res in result.final_eval.values():
+        metrics.write({"kind": "eval", "step": total_steps, **res.to_dict()})
+    metrics.close()
+    write_json_atomic(
+        run_dir / EVAL_FILE,
+        {
+            "step": total_steps,
+            "eval_split": cfg.eval_split,
+            "results": {m: r.to_dict() for m, r in result.final_eval.items()},
+            "majority_baseline": result.majority_baseline,
+            "nonfinite_steps": result.nonfinite_steps,
+            "skipped_bad_samples": result.skipped_bad_samples,
+        },
+    )
+    console.print(accuracy_table(result.final_eval, result.majority_baseline))
+    return result
+
+
+def _due(cfg: TrainConfig, done: int, order: DataOrder) -> bool:
+    if cfg.save_every and done % cfg.save_every == 0:
+        return True
+    if cfg.save_every_epochs:
+        steps_per_epoch = max(1, order.per_epoch // cfg.grad_accum)
+        return done % (steps_per_epoch * cfg.save_every_epochs) == 0
+    return False
+
+
+def run_eval(model, encoder, samples, cfg, device, plan, modes) -> dict[str, EvalResult]:
+    return {
+        mode: evaluate(
+            model,
+            encoder,
+            samples,
+            images=mode,
+            batch_size=cfg.eval_batch_size,
+            device=device,
+            autocast=lambda: plan.autocast(device.type),
+        )
+        for mode in modes
+    }
+
+
+def accuracy_table(results: dict[str, EvalResult], baseline: dict[str, float]) -> Table:
+    """Accuracy by question type: real images next to blank, shuffled and the majority answer."""
+    table = Table(title="Test accuracy (does the Q-Former see the image?)")
+    table.add_column("question type")
+    columns = list(results)
+    for mode in columns:
+        table.add_column(f"{mode} images", justify="right")
+    if baseline:
+        table.add_column("majority answer", justify="right")
+    first = results[columns[0]]
+    for qtype in [*first.by_type, "all"]:
+        row = [qtype if qtype != "all" else "[bold]all[/]"]
+        for mode in columns:
+            res = results[mode]
+            value = res.accuracy if qtype == "all" else res.by_type.get(qtype, math.nan)
+            row.append(f"{value:.3f}")
+        if baseline:
+            row.append(f"{baseline.get(qtype, math.nan):.3f}")
+        count = first.count if qtype == "all" else first.count_by_type.get(qtype, 0)
+        row[0] += f" ({count})"
+        table.add_row(*row)
+    return table
