@@ -13,8 +13,10 @@ Target sets (module names relative to the transformers model, layer ``L``):
 | all         | attention + ffn                                                               |
 | paper       | Kim et al. 2024 (PEFT on Q-Former): self-attn query/value, cross-attn q/k/v/out,|
 |             | both FFN denses                                                               |
-| name-list   | ``query,key,value,dense`` peft suffix matching, as many tutorials do: the     |
-|             | Q-Former attention and every FFN dense (same modules as ``all`` for T5/OPT)   |
+| name-list   | ``["query","key","value","dense"]`` as many tutorials pass it to peft: every  |
+|             | module of the whole model with such a suffix. For T5/OPT/LLaMA LMs that is    |
+|             | the same as ``all``; with GPT-NeoX or Phi LMs it also hits LM attention, and  |
+|             | training refuses to start.                                                    |
 
 Anything else is a regular expression matched in full against module names.
 """
@@ -42,7 +44,9 @@ TARGET_SETS: dict[str, tuple[str, ...]] = {
     "ffn": (_FFN,),
     "all": (_SELF_QKV, _SELF_OUT, _CROSS, _FFN),
     "paper": (_SELF_QV, _CROSS, _FFN),
-    "name-list": (r"^qformer\..*\.(query|key|value|dense)$",),
+    # What peft does with target_modules=["query", "key", "value", "dense"]: suffix
+    # matching over the whole model, so LMs with such names are hit too.
+    "name-list": (r"^(.*\.)?(query|key|value|dense)$",),
 }
 
 # The parts of a BLIP-2/InstructBLIP model, in forward order, by name prefix.
