@@ -51,9 +51,8 @@ def _layer_ranges(layers: list[int]) -> str:
         if layer is not None:
             start = prev = layer
     step = layers[1] - layers[0] if len(layers) > 1 else 0
-    if len(layers) > 2 and all(b - a == step for a, b in zip(layers, layers[1:], strict=False)):
-        if step > 1:
-            return f"{layers[0]}-{layers[-1]}, every {step}"
+    if step > 1 and all(b - a == step for a, b in zip(layers, layers[1:], strict=False)):
+        return f"{layers[0]}-{layers[-1]}, every {step}"
     return ", ".join(runs)
 
 
