@@ -25,6 +25,7 @@ from stabilizer.config import (
 )
 from stabilizer.errors import StabilizerError
 from stabilizer.models.lora import TARGET_SETS, LoraSettings
+from stabilizer.models.presets import PRESETS
 
 _DEFAULTS = TrainConfig()
 _LORA_DEFAULTS = LoraSettings()
@@ -58,7 +59,12 @@ def _train_options(func):
     """Options of ``train``; defaults come from TrainConfig (one place holds each)."""
     d, ld = _DEFAULTS, _LORA_DEFAULTS
     options = [
-        click.option("--model", default=d.model, show_default=True, help=_h("model")),
+        click.option(
+            "--model",
+            default=d.model,
+            show_default=True,
+            help=_h("model") + "; presets: " + ", ".join(PRESETS),
+        ),
         click.option("--dataset", default=d.dataset, show_default=True, help=_h("dataset")),
         click.option("--train-split", default=d.train_split, show_default=True),
         click.option("--eval-split", default=d.eval_split, show_default=True),
@@ -246,7 +252,13 @@ def _fail(err: Exception) -> None:
     sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "max_content_width": 100,
+        "terminal_width": 100,
+    }
+)
 @click.version_option(package_name="stabilizer")
 def main() -> None:
     """Find where and why NaN/Inf appears when fine-tuning the Q-Former of

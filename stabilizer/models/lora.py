@@ -24,6 +24,7 @@ Anything else is a regular expression matched in full against module names.
 from __future__ import annotations
 
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -156,7 +157,10 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, adapter_dtype: torch
         modules_to_save=["language_projection"] if settings.train_projection else None,
         bias="none",
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft asks transformers a deprecated question; the answer is right, the noise is not ours.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(model, config)
     base = peft_model.get_base_model()
     base.query_tokens.requires_grad_(settings.train_query_tokens)
     for param in peft_model.parameters():
