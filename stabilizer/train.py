@@ -213,6 +213,44 @@ def majority_baseline(train: Sequence[VQASample], test: Sequence[VQASample]) -> 
     return out
 
 
+def train_step(
+    model: torch.nn.Module,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler | None,
+    plan: PrecisionPlan,
+    trainable: Sequence[torch.nn.Parameter],
+    max_grad_norm: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation).
+
+    Returns ``(loss, grad_norm)`` as device tensors: nothing here waits for the
+    device, so the caller decides when to pay for a host sync.
+    """
+    device = micro_batches[0]["input_ids"].device
+    accum = len(micro_batches)
+    step_loss = torch.zeros((), device=device)
+    for batch in micro_batches:
+        with plan.autocast(device.type):
+            loss = model(**batch).loss / accum
+        (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += loss.detach().float()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    # max_norm=inf measures without clipping, so the norm is always logged.
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the update when grads hold inf/NaN
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm.detach()
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = None) -> TrainResult:
     """Run training as ``cfg`` says; returns the run folder, losses and the final evaluation."""
     console = console or Console()
@@ -341,28 +379,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
     try:
         with progress:
             for step in range(start_step, total_steps):
-                step_loss = torch.zeros((), device=device)
+                micro_batches = []
                 for micro in range(cfg.grad_accum):
                     epoch, idx = order.indices(step * cfg.grad_accum + micro)
                     batch = encoder.train_batch([train_samples[i] for i in idx])
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    with plan.autocast(device.type):
-                        loss = model(**batch).loss / cfg.grad_accum
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    step_loss += loss.detach().float()
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                # max_norm=inf measures without clipping, so the norm is always logged.
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-                if scaler is not None:
-                    scaler.step(optimizer)  # skips the update when grads hold inf/NaN
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                    micro_batches.append(
+                        {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    )
+                step_loss, grad_norm = train_step(
+                    model,
+                    micro_batches,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    plan=plan,
+                    trainable=trainable,
+                    max_grad_norm=cfg.max_grad_norm,
+                )
                 pending_loss.append(step_loss)
-                pending_norm.append(grad_norm.detach())
+                pending_norm.append(grad_norm)
 
                 done = step + 1
                 if done % cfg.log_every == 0 or done == total_steps:

@@ -271,9 +271,6 @@ def build_preset(
     # Keep the LM vocabulary larger than the tokenizer's (which now includes <image>).
     vocab_size = max(len(processor.tokenizer), len(getattr(processor, "qformer_tokenizer", []))) + 1
     vocab_size = 8 * math.ceil(vocab_size / 8)
-    if not spec.tiny_tokenizer:
-        # Real vocab sizes are in spec.text; the image token sits inside them.
-        image_token_index = spec.text["vocab_size"] - 28 if spec.lm == "t5" else 50265
     config = build_config(spec, vocab_size=vocab_size, image_token_index=image_token_index)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
