@@ -189,7 +189,7 @@ def test_adapter_dtype_fp16_casts_trainable_tensors():
     "parameter",
     [
         "vision_model.embeddings.patch_embedding.weight",
-        "language_model.lm_head.weight",
+        "language_model.decoder.final_layer_norm.weight",
     ],
 )
 def test_scope_refuses_trainable_parameter_outside(parameter):
@@ -213,7 +213,9 @@ def test_scope_refuses_query_tokens_when_not_allowed():
         verify_lora_scope(peft_model, allowed_components(settings))
 
 
-@pytest.mark.parametrize(("name", "lm"), [("tiny-instructblip-t5", "t5"), ("tiny-blip2-opt", "opt")])
+@pytest.mark.parametrize(
+    ("name", "lm"), [("tiny-instructblip-t5", "t5"), ("tiny-blip2-opt", "opt")]
+)
 def test_build_model_refuses_lora_on_the_language_model(name, lm):
     cfg = TrainConfig(model=name, lora=LoraSettings(targets=LM_QUERY[lm]))
     with pytest.raises(LoraScopeError) as err:
@@ -245,9 +247,7 @@ def test_parameter_table_totals(name):
     text = console.export_text()
 
     assert "Trainable parameters (test)" in text
-    rows = {
-        line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") >= 6
-    }
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") >= 6}
     for component in ("vision_model", "query_tokens", "qformer", "language_projection"):
         assert component in rows
     assert "language_model" in rows and "total" in rows
@@ -259,9 +259,10 @@ def test_parameter_table_totals(name):
     assert sum(r[1] for r in component_rows) == trainable
     assert sum(r[0] for r in component_rows) == total_params
     projection = model.language_projection.modules_to_save["default"]
-    assert _numbers(rows["language_projection"])[:2] == [
-        projection.weight.numel() + projection.bias.numel()
-    ] * 2
+    assert (
+        _numbers(rows["language_projection"])[:2]
+        == [projection.weight.numel() + projection.bias.numel()] * 2
+    )
 
 
 # -- the classic failure, reproduced on purpose -------------------------------------------

@@ -224,11 +224,6 @@ def test_unreachable_hub_id_fails_fast_with_advice(monkeypatch, tmp_path):
     assert "preset" in message and "tiny-instructblip-t5" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: stabilizer/models/tokenizer.py trains no '##b', '##j', '##q', '##v', '##z' or "
-    "'##0'..'##9' pieces, so words such as 'seven' or 'zebra' become one [UNK]",
-)
 def test_preset_tokenizer_spells_out_unseen_words():
     # tokenizer.py promises that text outside easy-vqa is encoded piece by piece, not as [UNK].
     _, processor = build_preset("tiny-instructblip-t5")

@@ -113,7 +113,9 @@ def _load_pretrained(
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
             f"--model '{name_or_path}' is a '{config.model_type}' model; stabilizer trains "
-            "the Q-Former of InstructBLIP and BLIP-2 models"
+            "the Q-Former of InstructBLIP and BLIP-2 models. Pass an InstructBLIP/BLIP-2 "
+            "folder or hub id (e.g. Salesforce/instructblip-flan-t5-xl) or a preset "
+            f"({', '.join(PRESETS)})"
         )
     import transformers as tf
 

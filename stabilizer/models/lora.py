@@ -92,7 +92,13 @@ class LoraSettings:
 
 
 def _patterns(targets: str) -> list[re.Pattern]:
-    return [re.compile(p) for p in TARGET_SETS.get(targets, (targets,))]
+    try:
+        return [re.compile(p) for p in TARGET_SETS.get(targets, (targets,))]
+    except re.error as exc:
+        raise ConfigError(
+            f"--lora-targets '{targets}' is neither a target set "
+            f"({', '.join(TARGET_SETS)}) nor a valid regular expression: {exc}"
+        ) from exc
 
 
 def resolve_targets(model: nn.Module, targets: str) -> list[str]:

@@ -26,6 +26,9 @@ def _corpus() -> tuple[str, ...]:
     questions, answers, _ = easy_vqa.get_train_questions()
     test_questions, _, _ = easy_vqa.get_test_questions()
     scaffolding = ["question answer context options choose yes no the a an of"]
+    # Every character once inside a word too, so "##c" pieces exist for all of them
+    # and unseen words are spelled out instead of becoming [UNK].
+    scaffolding.append(" ".join("x" + c for c in string.ascii_lowercase + string.digits))
     return tuple(questions) + tuple(test_questions) + tuple(answers) + tuple(scaffolding)
 
 
