@@ -89,12 +89,12 @@ def bench_batch_size(args, cfg, plan, device, loaded, model, encoder, samples, b
             model,
             [batch],
             optimizer=ours_opt,
-            scheduler=ours_sched,
             scaler=scaler,
             plan=plan,
             trainable=params,
             max_grad_norm=1.0,
         )
+        ours_sched.step()
 
     def plain():
         plain_step(model, batch, plain_opt, plain_sched, params, plan, device)

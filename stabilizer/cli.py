@@ -16,6 +16,7 @@ import click
 
 from stabilizer.config import (
     ADAPTER_DTYPES,
+    ANOMALY_POLICIES,
     BAD_SAMPLE_POLICIES,
     DEVICES,
     PRECISIONS,
@@ -23,6 +24,7 @@ from stabilizer.config import (
     TrainConfig,
     field_help,
 )
+from stabilizer.detector.policy import NumericalAnomalyError
 from stabilizer.errors import StabilizerError
 from stabilizer.models.lora import TARGET_SETS, LoraSettings
 from stabilizer.models.presets import PRESETS
@@ -234,6 +236,38 @@ def _train_options(func):
             "with its saved config; only --max-steps/--epochs may change",
         ),
         click.option("--trace", is_flag=True, help=_h("trace")),
+        click.option(
+            "--trace-every",
+            type=int,
+            default=d.trace_every,
+            show_default=True,
+            help=_h("trace_every"),
+        ),
+        click.option("--probe", help=_h("probe")),
+        click.option(
+            "--on-anomaly",
+            type=click.Choice(ANOMALY_POLICIES),
+            default=d.on_anomaly,
+            show_default=True,
+            help=_h("on_anomaly"),
+        ),
+        click.option(
+            "--max-anomalies",
+            type=int,
+            default=d.max_anomalies,
+            show_default=True,
+            help=_h("max_anomalies"),
+        ),
+        click.option(
+            "--rollback-lr-factor",
+            type=float,
+            default=d.rollback_lr_factor,
+            show_default=True,
+            help=_h("rollback_lr_factor"),
+        ),
+        click.option(
+            "--replay/--no-replay", default=d.replay, show_default=True, help=_h("replay")
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -335,6 +369,15 @@ def train(ctx: click.Context, resume: bool, **options) -> None:
                 options["max_steps"] = None
             cfg = TrainConfig(lora=lora, **options)
         run_training(cfg, resume=resume, console=make_console())
+    except NumericalAnomalyError as err:
+        # The diagnosis card was printed when it happened; end with where to look.
+        click.secho(
+            f"stopped: NaN/Inf at step {err.anomaly.step} ({err.anomaly.cause}); "
+            "the trace store and repro bundle are in the run folder",
+            fg="red",
+            err=True,
+        )
+        sys.exit(3)
     except StabilizerError as err:
         _fail(err)
 
@@ -471,6 +514,39 @@ def predict(run_dir, image_path, question, choices, checkpoint, device) -> None:
             click.echo(f"answer: {answer}")
     except StabilizerError as err:
         _fail(err)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+def replay(bundle: Path, device: str) -> None:
+    """Re-run the step saved in a repro bundle and diagnose it again.
+
+    Bundles are written to runs/<name>/repro/step-N/ when `train --trace` finds an
+    anomaly: the batch, the adapter and optimizer state before the step, the RNG
+    state, the config and the original diagnosis. The model is rebuilt from the
+    config (a preset, folder or hub id), so a bundle stays small.
+    """
+    from stabilizer.detector.replay import replay_bundle
+
+    try:
+        anomaly, original = replay_bundle(bundle, device=device)
+    except StabilizerError as err:
+        _fail(err)
+    click.echo(
+        f"original diagnosis: step {original['step']}, {original['pass']} pass, {original['cause']}"
+    )
+    if anomaly is None:
+        click.secho(
+            "replayed: the step is finite here (different hardware or versions?)", fg="yellow"
+        )
+        sys.exit(1)
+    click.echo(anomaly.card())
+    same = anomaly.cause == original["cause"] and anomaly.pass_ == original["pass"]
+    click.secho(
+        "reproduced" if same else "a different failure than recorded",
+        fg="green" if same else "yellow",
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ ADAPTER_DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 DEVICES = ("auto", "cpu", "cuda")
+ANOMALY_POLICIES = ("raise", "skip", "clip", "rollback", "warn")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -106,7 +107,31 @@ class TrainConfig:
         default=None, metadata=_help("name of the run folder under runs/ (default: a timestamp)")
     )
     trace: bool = field(
-        default=False, metadata=_help("probe every Q-Former layer (recorded in the config)")
+        default=False,
+        metadata=_help(
+            "probe every Q-Former layer; name the first module to go NaN/Inf and the cause"
+        ),
+    )
+    trace_every: int = field(
+        default=1,
+        metadata=_help("full statistics every N steps (the NaN/Inf check runs every step)"),
+    )
+    probe: str | None = field(
+        default=None,
+        metadata=_help("regex of module names to probe (default: the Q-Former preset)"),
+    )
+    on_anomaly: str = field(
+        default="raise", metadata=_help("with --trace: raise, skip, clip, rollback or warn")
+    )
+    max_anomalies: int = field(
+        default=10, metadata=_help("stop with the diagnosis after this many anomalies")
+    )
+    rollback_lr_factor: float = field(
+        default=0.5, metadata=_help("rollback multiplies the learning rate by this")
+    )
+    replay: bool = field(
+        default=True,
+        metadata=_help("on the first anomaly, re-run that step op by op and in fp32"),
     )
     blank_and_shuffled_eval: bool = field(
         default=True,
@@ -154,6 +179,13 @@ class TrainConfig:
         _choice("--schedule", self.schedule, SCHEDULES)
         _choice("--on-bad-sample", self.on_bad_sample, BAD_SAMPLE_POLICIES)
         _choice("--device", self.device, DEVICES)
+        _choice("--on-anomaly", self.on_anomaly, ANOMALY_POLICIES)
+        _positive("--trace-every", self.trace_every)
+        _positive("--max-anomalies", self.max_anomalies)
+        if not 0 < self.rollback_lr_factor <= 1:
+            raise ConfigError(
+                f"--rollback-lr-factor must be in (0, 1], got {self.rollback_lr_factor}"
+            )
 
     @property
     def reproduces_classic_failure(self) -> bool:

@@ -7,22 +7,28 @@ writing; every committed step, anomaly and action stays readable.
 
 Tables (plain SQL works: ``sqlite3 trace.db "SELECT step, loss FROM steps"``):
 
-| table        | columns                                                          | one row per            |
-|--------------|------------------------------------------------------------------|------------------------|
-| meta         | key TEXT PK, value TEXT (JSON)                                   | run config, schema_version (1), created, tensor_stats, sites, param_stats |
-| modules      | id INTEGER PK, name TEXT UNIQUE, label, kind, layer NULL,        | traced module; id = row of the |
-|              | component, is_attention (0/1)                                    | stats arrays (0..n-1)  |
-| params       | id INTEGER PK, name TEXT UNIQUE, label, module_id NULL, numel,   | trainable parameter; id = row |
-|              | dtype                                                            | (0..n-1)               |
-| steps        | step INTEGER PK, loss, lr, grad_norm, status, full (0/1),        | optimizer step         |
-|              | wall_time (unix s), extra (JSON)                                 |                        |
-| module_stats | step, module_id, site, fire_order, absmax, rms, mean, nan, inf,  | (step, module, site) that fired; |
-|              | near_limit; PK (step, module_id, site), WITHOUT ROWID            | site ``score_max`` keeps its value in absmax |
-| param_stats  | step, param_id, weight_norm, grad_norm, update_ratio,            | (step, parameter)      |
-|              | weight_nonfinite, grad_nonfinite; PK (step, param_id)            |                        |
-| anomalies    | id PK, step, pass, module_id NULL, op NULL, cause, summary, fix, | detected anomaly       |
-|              | evidence (JSON), created (unix s)                                |                        |
-| actions      | id PK, step, action, detail, created (unix s)                    | what a policy did      |
+| table        | one row per                      | columns (PK first)                           |
+|--------------|----------------------------------|----------------------------------------------|
+| meta         | key                              | key TEXT PK, value TEXT (JSON): config,      |
+|              |                                  | schema_version (1), created, stat names      |
+| modules      | traced module (id = array row)   | id INTEGER PK (0..n-1), name TEXT UNIQUE,    |
+|              |                                  | label, kind, layer NULL, component,          |
+|              |                                  | is_attention (0/1)                           |
+| params       | trainable parameter (id = row)   | id INTEGER PK (0..n-1), name TEXT UNIQUE,    |
+|              |                                  | label, module_id NULL, numel, dtype          |
+| steps        | optimizer step                   | step INTEGER PK, loss, lr, grad_norm, status,|
+|              |                                  | full (0/1), wall_time (unix s), extra (JSON) |
+| module_stats | (step, module, site) that fired  | PK (step, module_id, site) WITHOUT ROWID,    |
+|              |                                  | fire_order, absmax, rms, mean, nan, inf,     |
+|              |                                  | near_limit; site score_max: value in absmax  |
+| param_stats  | (step, parameter)                | PK (step, param_id) WITHOUT ROWID,           |
+|              |                                  | weight_norm, grad_norm, update_ratio,        |
+|              |                                  | weight_nonfinite, grad_nonfinite             |
+| anomalies    | detected anomaly                 | id PK, step, pass, module_id NULL, op NULL,  |
+|              |                                  | cause, summary, fix, evidence (JSON), created|
+| actions      | thing a policy did               | id PK, step, action, detail, created         |
+
+Indexes: module_stats (site, step), anomalies (step), actions (step).
 
 ``status`` is one of ``STEP_STATUSES``; ``full`` is 1 when per-module statistics were
 recorded that step (``--trace-every N``), 0 when only finiteness was checked. Sites are
@@ -217,6 +223,8 @@ class TraceStore:
                                       append=resume)
         """
         path = Path(path)
+        if overwrite and append:
+            raise StoreError(f"{path}: pass overwrite=True or append=True, not both")
         bad = sorted(set(meta) & set(RESERVED_META))
         if bad:
             raise StoreError(f"meta keys {bad} are reserved by the trace store; rename them")
@@ -226,7 +234,7 @@ class TraceStore:
                 f"{path} already exists. Resume the run to append to it, or remove it "
                 "to start a new trace"
             )
-        if exists and overwrite and not append:
+        if exists and overwrite:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
             exists = False
@@ -238,14 +246,13 @@ class TraceStore:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(
-                    f"{path}: SQLite refused WAL mode ({mode}); put the run folder on a "
-                    "local disk"
+                    f"{path}: SQLite refused WAL mode ({mode}); put the run folder on a local disk"
                 )
             # NORMAL in WAL mode: commits survive a killed process; only an OS crash or
             # power loss can drop the last few, and it saves an fsync per step.
             conn.execute("PRAGMA synchronous=NORMAL")
             with _transaction(conn):
-                conn.executescript(_DDL) if False else _run_ddl(conn)
+                _run_ddl(conn)
                 own = {
                     "tensor_stats": list(TENSOR_STATS),
                     "sites": [*SITES, SCORE_SITE],
@@ -441,8 +448,7 @@ class TraceStore:
     def modules(self) -> list[ModuleInfo]:
         """The registered modules ordered by id (list index == id)."""
         rows = self._conn.execute(
-            "SELECT id, name, label, kind, layer, component, is_attention FROM modules "
-            "ORDER BY id"
+            "SELECT id, name, label, kind, layer, component, is_attention FROM modules ORDER BY id"
         )
         return [ModuleInfo(*r[:6], is_attention=bool(r[6])) for r in rows]
 
@@ -536,8 +542,7 @@ class TraceStore:
         """
         conn = self._conn
         head = conn.execute(
-            "SELECT loss, lr, grad_norm, status, full, wall_time, extra FROM steps "
-            "WHERE step = ?",
+            "SELECT loss, lr, grad_norm, status, full, wall_time, extra FROM steps WHERE step = ?",
             (int(step),),
         ).fetchone()
         if head is None:
@@ -588,7 +593,7 @@ class TraceStore:
             "FROM anomalies ORDER BY id"
         )
         names = [d[0] for d in cur.description]
-        out = [dict(zip(names, row)) for row in cur]
+        out = [dict(zip(names, row, strict=True)) for row in cur]
         for a in out:
             a["evidence"] = json.loads(a["evidence"]) if a["evidence"] else {}
         return out
@@ -599,7 +604,7 @@ class TraceStore:
             "SELECT id, step, action, detail, created FROM actions ORDER BY id"
         )
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur]
+        return [dict(zip(names, row, strict=True)) for row in cur]
 
     # ------------------------------------------------------------------ helpers
 
@@ -619,10 +624,7 @@ class TraceStore:
         self._writable()
         names = cols.split(", ")
         with _transaction(self._conn):
-            known = {
-                r[0]: r[1]
-                for r in self._conn.execute(f"SELECT id, name FROM {table}")  # noqa: S608
-            }
+            known = dict(self._conn.execute(f"SELECT id, name FROM {table}"))
             for row in rows:
                 if row[0] in known and known[row[0]] != row[1]:
                     raise StoreError(
@@ -636,11 +638,14 @@ class TraceStore:
                 + ", ".join(f"{c} = excluded.{c}" for c in names[1:]),
                 rows,
             )
-            count, top = self._conn.execute(f"SELECT COUNT(*), MAX(id) FROM {table}").fetchone()
-            if count and (top != count - 1 or min(known.keys() | {r[0] for r in rows}) != 0):
+            count, low, top = self._conn.execute(
+                f"SELECT COUNT(*), MIN(id), MAX(id) FROM {table}"
+            ).fetchone()
+            # Unique ids from 0 to count-1 leave no gaps: arrays can be indexed by id.
+            if count and (low != 0 or top != count - 1):
                 raise StoreError(
                     f"{self.path}: {table} ids must be 0..n-1 (row i of a stats array is id "
-                    f"i); got {count} ids up to {top}"
+                    f"i); got {count} ids from {low} to {top}"
                 )
 
     def _module_rows(self, data: StepData) -> list[tuple]:
@@ -715,9 +720,7 @@ def _run_ddl(conn: sqlite3.Connection) -> None:
 def _check_is_store(conn: sqlite3.Connection, path: Path) -> None:
     """Raise StoreError naming ``path`` unless it is a trace store this code can read."""
     try:
-        row = conn.execute(
-            "SELECT value FROM meta WHERE key = 'schema_version'"
-        ).fetchone()
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as err:
         raise StoreError(
             f"{path} is not a stabilizer trace store ({err}). Point at a run's trace.db"
@@ -768,8 +771,9 @@ def _fill(steps: np.ndarray, rows: list[tuple], width: int) -> np.ndarray:
     # dtype=float turns NULL (None) into NaN in one C loop.
     arr = np.array(rows, dtype=float)
     step_idx = np.searchsorted(steps, arr[:, 0].astype(np.int64))
+    # Rows of steps outside ``steps`` or ids beyond the registered ones are dropped.
     ok = (step_idx < len(steps)) & (arr[:, 1] < width)
-    ok[ok] &= steps[step_idx[ok]] == arr[ok, 0]
+    ok[ok] = steps[step_idx[ok]] == arr[ok, 0]
     out[step_idx[ok], arr[ok, 1].astype(np.int64)] = arr[ok, 2]
     return out
 

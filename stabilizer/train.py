@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +65,7 @@ class TrainResult:
     final_eval: dict[str, EvalResult] = field(default_factory=dict)
     majority_baseline: dict[str, float] = field(default_factory=dict)
     last_checkpoint: Path | None = None
+    trace: object | None = None  # detector.session.SessionSummary with --trace
 
 
 def resolve_device(name: str) -> torch.device:
@@ -218,16 +219,18 @@ def train_step(
     micro_batches: Sequence[dict[str, torch.Tensor]],
     *,
     optimizer: torch.optim.Optimizer,
-    scheduler,
     scaler: torch.amp.GradScaler | None,
     plan: PrecisionPlan,
     trainable: Sequence[torch.nn.Parameter],
     max_grad_norm: float | None,
+    before_update: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over ``micro_batches`` (gradient accumulation).
 
     Returns ``(loss, grad_norm)`` as device tensors: nothing here waits for the
-    device, so the caller decides when to pay for a host sync.
+    device, so the caller decides when to pay for a host sync. The learning-rate
+    schedule is left to the caller, who may refuse the step (a skipped step must
+    not advance it). ``before_update`` runs after unscaling and clipping.
     """
     device = micro_batches[0]["input_ids"].device
     accum = len(micro_batches)
@@ -241,12 +244,13 @@ def train_step(
         scaler.unscale_(optimizer)
     # max_norm=inf measures without clipping, so the norm is always logged.
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
+    if before_update is not None:
+        before_update()
     if scaler is not None:
         scaler.step(optimizer)  # skips the update when grads hold inf/NaN
         scaler.update()
     else:
         optimizer.step()
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm.detach()
 
@@ -307,6 +311,27 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
         steps=total_steps,
         skipped_bad_samples=len(train_bad) + len(eval_bad),
     )
+    session = None
+    if cfg.trace:
+        from stabilizer.detector.session import TraceSession
+
+        session = TraceSession(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            trainable=trainable,
+            cfg=cfg,
+            run_dir=run_dir,
+            console=console,
+            compute_dtype=str(plan.autocast_dtype or plan.base_dtype).replace("torch.", ""),
+            uses_grad_scaler=scaler is not None,
+            resume_from=start_step if resume else None,
+        )
+        console.print(
+            f"tracing {len(session.tracer.modules)} modules and {len(session.tracer.params)} "
+            f"trainable tensors into {run_dir / 'trace.db'} (full statistics every "
+            f"{cfg.trace_every} step(s); on anomaly: {cfg.on_anomaly})"
+        )
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     # Per-step values stay on the device until a log step copies them at once.
     pending_loss: list[torch.Tensor] = []
@@ -386,16 +411,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
                     micro_batches.append(
                         {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     )
+                if session is not None:
+                    session.begin_step(step)
                 step_loss, grad_norm = train_step(
                     model,
                     micro_batches,
                     optimizer=optimizer,
-                    scheduler=scheduler,
                     scaler=scaler,
                     plan=plan,
                     trainable=trainable,
-                    max_grad_norm=cfg.max_grad_norm,
+                    max_grad_norm=session.max_grad_norm if session else cfg.max_grad_norm,
+                    before_update=session.before_update if session else None,
                 )
+                accepted = True
+                if session is not None:
+                    accepted, _ = session.end_step(
+                        step, step_loss, grad_norm, micro_batches, scheduler.get_last_lr()[0]
+                    )
+                if accepted:
+                    scheduler.step()
                 pending_loss.append(step_loss)
                 pending_norm.append(grad_norm)
 
@@ -425,7 +459,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
         # Nothing logged is lost on a crash or Ctrl-C: write what is pending first.
         flush_pending(start_step + len(result.losses) + len(pending_loss) - 1)
         metrics.close()
+        if session is not None:
+            session.close()
         raise
+    if session is not None:
+        result.trace = session.summary
+        session.close()
     elapsed = time.perf_counter() - started
     console.print(
         f"trained {total_steps - start_step} steps in {elapsed:.1f} s; "
@@ -448,6 +487,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
             "majority_baseline": result.majority_baseline,
             "nonfinite_steps": result.nonfinite_steps,
             "skipped_bad_samples": result.skipped_bad_samples,
+            "anomalies": len(result.trace.anomalies) if result.trace else None,
+            "skipped_steps": result.trace.skipped_steps if result.trace else None,
         },
     )
     console.print(accuracy_table(result.final_eval, result.majority_baseline))

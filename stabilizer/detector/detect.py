@@ -1,0 +1,366 @@
+"""From a step's record to a diagnosis: which pass, which module first, and why.
+
+    >>> detector = Detector(tracer, context=DetectorContext(adam_eps=1e-8))
+    >>> anomaly = detector.check(record)           # None when the step is clean
+    >>> print(anomaly.card())
+    NaN/Inf at step 0, optimizer pass
+      cause:  the weights went non-finite inside the optimizer step while every gradient ...
+
+The first offender of a pass is the first module, in the order its hooks fired,
+whose input was finite and whose output was not. Passes are checked in the order
+they run (input, forward, loss, backward, optimizer), so the earliest failure
+in a step is the one named. Weights that went bad in an earlier optimizer step
+are remembered, so a later forward NaN is not blamed on the module that merely
+uses them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from stabilizer.detector.diagnosis import Anomaly, make_anomaly
+from stabilizer.probes.schema import PARAM_STATS, TENSOR_STATS
+from stabilizer.probes.tracer import StepRecord, Tracer
+
+FP16_MAX = 65504.0
+FP16_SMALLEST = 5.96e-8  # smallest fp16 subnormal: anything below rounds to 0
+_LIMITS = {"float16": FP16_MAX, "bfloat16": 3.3895e38, "float32": 3.4028e38}
+_STAT = {name: i for i, name in enumerate(TENSOR_STATS)}
+_PSTAT = {name: i for i, name in enumerate(PARAM_STATS)}
+
+
+@dataclass
+class DetectorContext:
+    """What the detector knows about the run beyond the record."""
+
+    compute_dtype: str = "float32"  # the dtype activations are computed in
+    adam_eps: float | None = None
+    uses_grad_scaler: bool = False
+    warn_fraction: float = 0.5  # early warning when abs-max passes this fraction of the limit
+    growth_window: int = 8  # full-stat steps over which steady growth is judged
+    growth_factor: float = 8.0
+
+
+class Detector:
+    def __init__(self, tracer: Tracer, context: DetectorContext | None = None) -> None:
+        self.tracer = tracer
+        self.context = context or DetectorContext()
+        self.modules = tracer.modules
+        self.params = tracer.params
+        self.bad_weights_since: dict[int, int] = {}  # param index -> step it went non-finite
+        self._history: deque[StepRecord] = deque(maxlen=max(8, self.context.growth_window))
+        self._losses: deque[float] = deque(maxlen=50)
+        self._warned: set[tuple[str, int | None]] = set()
+
+    # -- the check ---------------------------------------------------------------------
+    def check(self, record: StepRecord) -> Anomaly | None:
+        """The first failure of this step, or None. Updates the detector's memory."""
+        anomaly = (
+            self._input(record)
+            or self._forward(record)
+            or self._loss(record)
+            or self._backward(record)
+            or self._optimizer(record)
+        )
+        self._remember_bad_weights(record)
+        if anomaly is None:
+            self._history.append(record)
+            if record.loss_finite:
+                self._losses.append(record.loss)
+        return anomaly
+
+    def warnings(self, record: StepRecord) -> list[Anomaly]:
+        """Early warnings (nothing non-finite yet); each module/kind is reported once."""
+        found = []
+        for warning in self._near_limit(record) + self._divergence(record):
+            key = (warning.cause, warning.module_index)
+            if key not in self._warned:
+                self._warned.add(key)
+                found.append(warning)
+        return found
+
+    # -- passes ----------------------------------------------------------------------------
+    def _input(self, record: StepRecord) -> Anomaly | None:
+        bad = [name for name, ok in record.inputs_finite.items() if not ok]
+        if not bad:
+            return None
+        anomaly = make_anomaly(record.step, "input", "nonfinite-input")
+        anomaly.evidence["non-finite inputs"] = bad
+        return anomaly
+
+    def _forward(self, record: StepRecord) -> Anomaly | None:
+        bad_out = [i for i in np.flatnonzero(~record.finite["fwd_out"])]
+        if not bad_out:
+            return None
+        ordered = sorted(bad_out, key=lambda i: record.order["fwd_out"][i])
+        emerged = [i for i in ordered if record.finite["fwd_in"][i]]
+        index = int(emerged[0] if emerged else ordered[0])
+        info = self.modules[index]
+        # Weights that went bad in an earlier optimizer step explain any forward NaN
+        # after it, whichever module shows it first.
+        since = self._bad_weights_of(index)
+        if since is None and self.bad_weights_since:
+            since = min(self.bad_weights_since.values())
+        if since is not None:
+            anomaly = make_anomaly(record.step, "forward", "weights-already-nonfinite", since=since)
+            anomaly.evidence["non-finite trainable tensors"] = len(self.bad_weights_since)
+        elif info.is_attention and self._is_half():
+            score = self._score(record, index)
+            anomaly = make_anomaly(
+                record.step,
+                "forward",
+                "attention-overflow",
+                dtype=self.context.compute_dtype,
+                score=score,
+                limit=self._limit(),
+            )
+        elif self._is_half():
+            absmax = self._last_stat(index, "fwd_out", "absmax")
+            anomaly = make_anomaly(
+                record.step,
+                "forward",
+                "activation-overflow",
+                dtype=self.context.compute_dtype,
+                absmax=absmax,
+                limit=self._limit(),
+            )
+        else:
+            anomaly = make_anomaly(
+                record.step, "forward", "forward-math", dtype=self.context.compute_dtype
+            )
+        self._locate(anomaly, index)
+        anomaly.evidence["input finite"] = bool(record.finite["fwd_in"][index])
+        anomaly.evidence["non-finite modules in forward"] = len(bad_out)
+        self._add_stats(anomaly, record, index, ("fwd_in", "fwd_out"))
+        self._add_trend(anomaly, index)
+        self._add_weights(anomaly, record, index)
+        return anomaly
+
+    def _loss(self, record: StepRecord) -> Anomaly | None:
+        if record.loss_finite:
+            return None
+        label_tokens = record.extra.get("label_tokens")
+        if label_tokens is not None and label_tokens == 0:
+            anomaly = make_anomaly(record.step, "loss", "all-labels-masked")
+            anomaly.evidence["label tokens in batch"] = 0
+        else:
+            anomaly = make_anomaly(record.step, "loss", "loss-overflow")
+            if label_tokens is not None:
+                anomaly.evidence["label tokens in batch"] = int(label_tokens)
+        anomaly.evidence["loss"] = record.loss
+        return anomaly
+
+    def _backward(self, record: StepRecord) -> Anomaly | None:
+        bad_in = list(np.flatnonzero(~record.finite["grad_in"]))
+        bad_out = list(np.flatnonzero(~record.finite["grad_out"]))
+        if not bad_in and not bad_out:
+            if record.grads_finite:
+                return None
+            bad = [
+                i for i, row in enumerate(record.param_stats) if row[_PSTAT["grad_nonfinite"]] > 0
+            ]
+            anomaly = make_anomaly(record.step, "backward", "grad-nonfinite")
+            anomaly.evidence["parameters with non-finite gradient"] = [
+                self.params[i].name for i in bad
+            ]
+            return anomaly
+        # The module whose incoming gradient (w.r.t. its output) was finite and whose
+        # outgoing gradient (w.r.t. its input) was not: its own backward made it.
+        emerged = [i for i in bad_in if record.finite["grad_out"][i]]
+        if emerged:
+            index = int(min(emerged, key=lambda i: record.order["grad_in"][i]))
+        else:
+            index = int(min(bad_out, key=lambda i: record.order["grad_out"][i]))
+        info = self.modules[index]
+        if info.name.endswith("LayerNorm") or "layernorm" in info.name.lower():
+            rms = self._last_stat(index, "fwd_in", "rms")
+            mean = self._last_stat(index, "fwd_in", "mean")
+            anomaly = make_anomaly(
+                record.step,
+                "backward",
+                "layernorm-backward",
+                rms=rms,
+                mean=abs(mean) if math.isfinite(mean) else mean,
+                dtype=self.context.compute_dtype,
+            )
+        else:
+            anomaly = make_anomaly(record.step, "backward", "backward-overflow")
+        self._locate(anomaly, index)
+        anomaly.evidence["forward finite"] = True
+        anomaly.evidence["incoming gradient finite"] = bool(record.finite["grad_out"][index])
+        self._add_stats(anomaly, record, index, ("fwd_in", "grad_out", "grad_in"))
+        return anomaly
+
+    def _optimizer(self, record: StepRecord) -> Anomaly | None:
+        if record.params_finite:
+            ratios = record.param_stats[:, _PSTAT["update_ratio"]]
+            if np.isfinite(ratios).any() and np.nanmax(ratios) > 1.0:
+                worst = int(np.nanargmax(ratios))
+                anomaly = make_anomaly(
+                    record.step, "optimizer", "update-too-large", ratio=float(ratios[worst])
+                )
+                anomaly.evidence["parameter"] = self.params[worst].name
+                return anomaly
+            return None
+        bad = [i for i, row in enumerate(record.param_stats) if row[_PSTAT["weight_nonfinite"]] > 0]
+        newly_bad = [i for i in bad if i not in self.bad_weights_since]
+        if not newly_bad:
+            return None  # reported at the step they went bad
+        dtypes = sorted({self.params[i].dtype for i in newly_bad})
+        eps = self.context.adam_eps
+        if "float16" in dtypes and eps is not None and eps < FP16_SMALLEST:
+            anomaly = make_anomaly(record.step, "optimizer", "fp16-adam-eps", eps=eps)
+        else:
+            anomaly = make_anomaly(record.step, "optimizer", "optimizer-nonfinite")
+        grad_norms = record.param_stats[:, _PSTAT["grad_norm"]]
+        zero_grad = [self.params[i].name for i in newly_bad if grad_norms[i] == 0]
+        # Lead with a tensor whose gradient was exactly zero: 0/0 is the signature.
+        newly_bad.sort(key=lambda i: (grad_norms[i] != 0, i))
+        anomaly.evidence["gradients finite"] = record.grads_finite
+        anomaly.evidence["parameters non-finite after the step"] = (
+            f"{len(newly_bad)} of {len(self.params)}"
+        )
+        anomaly.evidence["their dtypes"] = dtypes
+        anomaly.evidence["examples"] = [self.params[i].name for i in newly_bad[:4]]
+        if zero_grad:
+            anomaly.evidence["non-finite with an exactly-zero gradient"] = len(zero_grad)
+        first = newly_bad[0]
+        anomaly.module = self.params[first].label
+        anomaly.module_path = self.params[first].name
+        anomaly.module_index = self.params[first].module_index
+        return anomaly
+
+    # -- early warnings ------------------------------------------------------------------
+    def _near_limit(self, record: StepRecord) -> list[Anomaly]:
+        if not self._is_half() or record.stats is None:
+            return []
+        limit = self._limit() * self.context.warn_fraction
+        absmax = record.stats["fwd_out"][:, _STAT["absmax"]]
+        warnings = []
+        candidates = [i for i in np.flatnonzero(np.nan_to_num(absmax) > limit)]
+        if record.score_max is not None:
+            candidates += [i for i in np.flatnonzero(np.nan_to_num(record.score_max) > limit)]
+        for i in sorted(set(int(i) for i in candidates)):
+            value = max(np.nan_to_num(absmax[i]), np.nan_to_num(self._score(record, i)))
+            anomaly = make_anomaly(
+                record.step,
+                "forward",
+                "near-overflow",
+                label=self.modules[i].label,
+                dtype=self.context.compute_dtype,
+                absmax=float(value),
+                limit=self._limit(),
+            )
+            anomaly.warning = True
+            self._locate(anomaly, i)
+            warnings.append(anomaly)
+        return warnings
+
+    def _divergence(self, record: StepRecord) -> list[Anomaly]:
+        out = []
+        if record.loss_finite and len(self._losses) >= 20:
+            median = float(np.median(list(self._losses)[-20:]))
+            if median > 0 and record.loss > 4 * median:
+                out.append(
+                    self._divergence_warning(
+                        record, f"the loss jumped to {record.loss:.4g} (recent median {median:.4g})"
+                    )
+                )
+        full = [r for r in self._history if r.stats is not None]
+        window = self.context.growth_window
+        if len(full) >= window and record.stats is not None:
+            series = np.stack([r.stats["fwd_out"][:, _STAT["absmax"]] for r in full[-window:]])
+            rising = np.all(np.diff(series, axis=0) > 0, axis=0)
+            grown = series[-1] > self.context.growth_factor * np.maximum(series[0], 1e-30)
+            for i in np.flatnonzero(rising & grown):
+                warning = self._divergence_warning(
+                    record,
+                    f"{self.modules[i].label} abs-max grew every step for {window} traced steps "
+                    f"({series[0, i]:.3g} -> {series[-1, i]:.3g})",
+                )
+                self._locate(warning, int(i))
+                out.append(warning)
+        return out
+
+    def _divergence_warning(self, record: StepRecord, what: str) -> Anomaly:
+        anomaly = make_anomaly(record.step, "forward", "divergence", what=what)
+        anomaly.warning = True
+        return anomaly
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _is_half(self) -> bool:
+        return self.context.compute_dtype in ("float16", "bfloat16")
+
+    def _limit(self) -> float:
+        return _LIMITS.get(self.context.compute_dtype, _LIMITS["float32"])
+
+    def _score(self, record: StepRecord, index: int) -> float:
+        if record.score_max is not None and math.isfinite(record.score_max[index]):
+            return float(record.score_max[index])
+        for past in reversed(self._history):
+            if past.score_max is not None and math.isfinite(past.score_max[index]):
+                return float(past.score_max[index])
+        return math.nan
+
+    def _last_stat(self, index: int, site: str, stat: str) -> float:
+        for past in reversed(self._history):
+            if past.stats is not None:
+                value = past.stats[site][index, _STAT[stat]]
+                if math.isfinite(value):
+                    return float(value)
+        return math.nan
+
+    def _bad_weights_of(self, module_index: int) -> int | None:
+        prefix = self.modules[module_index].name
+        steps = [
+            since
+            for p, since in self.bad_weights_since.items()
+            if self.params[p].name.startswith(prefix + ".")
+            or self.params[p].module_index == module_index
+        ]
+        return min(steps) if steps else None
+
+    def _remember_bad_weights(self, record: StepRecord) -> None:
+        column = record.param_stats[:, _PSTAT["weight_nonfinite"]]
+        for i in np.flatnonzero(np.nan_to_num(column) > 0):
+            self.bad_weights_since.setdefault(int(i), record.step)
+
+    def _locate(self, anomaly: Anomaly, index: int) -> None:
+        info = self.modules[index]
+        anomaly.module = info.label
+        anomaly.module_path = info.name
+        anomaly.module_index = index
+
+    def _add_stats(self, anomaly: Anomaly, record: StepRecord, index: int, sites) -> None:
+        if record.stats is None:
+            return
+        for site in sites:
+            row = record.stats[site][index]
+            if np.isnan(row).all():
+                continue
+            anomaly.evidence[f"{site} now"] = {
+                name: float(row[i]) for i, name in enumerate(TENSOR_STATS)
+            }
+
+    def _add_trend(self, anomaly: Anomaly, index: int) -> None:
+        full = [r for r in self._history if r.stats is not None][-5:]
+        if not full:
+            return
+        anomaly.evidence["fwd_out abs-max, last traced steps"] = [
+            float(r.stats["fwd_out"][index, _STAT["absmax"]]) for r in full
+        ]
+
+    def _add_weights(self, anomaly: Anomaly, record: StepRecord, index: int) -> None:
+        own = [
+            p
+            for p in self.params
+            if p.module_index == index or p.name.startswith(self.modules[index].name + ".")
+        ]
+        if own:
+            anomaly.evidence["trainable weight norms"] = [
+                float(record.param_stats[p.index, _PSTAT["weight_norm"]]) for p in own
+            ]

@@ -1,0 +1,118 @@
+"""What training does about an anomaly: raise, skip, clip, rollback or warn.
+
+| policy   | on an anomaly                                                              |
+|----------|----------------------------------------------------------------------------|
+| raise    | stop with the diagnosis (the default with --trace)                         |
+| skip     | undo the step's update (weights and optimizer state as before the step);   |
+|          | the learning-rate schedule does not advance                                |
+| clip     | as skip, and clamp the offender's output to the dtype's safe range from    |
+|          | now on (forward overflow), or halve --max-grad-norm (backward/optimizer)   |
+| rollback | restore the last good state (kept every ``rollback_every`` clean steps)    |
+|          | and multiply the learning rate by ``rollback_lr_factor``                    |
+| warn     | print and go on (the update is applied: NaN weights stay NaN)              |
+
+Every policy stops with the diagnosis after ``max_anomalies`` anomalies, so a
+run can never skip every batch in silence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stabilizer.detector.diagnosis import Anomaly
+from stabilizer.errors import StabilizerError
+
+POLICIES = ("raise", "skip", "clip", "rollback", "warn")
+
+
+class NumericalAnomalyError(StabilizerError):
+    """Training stopped on a NaN/Inf; ``anomaly`` holds the diagnosis."""
+
+    def __init__(self, anomaly: Anomaly, reason: str) -> None:
+        self.anomaly = anomaly
+        super().__init__(f"{reason}\n{anomaly.card()}")
+
+
+class StateSnapshot:
+    """A copy of the trainable tensors and the optimizer's state, restorable in place.
+
+    LoRA keeps both small (a few MB even for the real-size Q-Former), so taking
+    one before every step is cheap next to the step itself.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer):
+        self.params = params
+        self.optimizer = optimizer
+        self._weights: list[torch.Tensor] | None = None
+        self._state: dict[int, dict] | None = None
+
+    def capture(self) -> None:
+        with torch.no_grad():
+            self._weights = [p.detach().clone() for p in self.params]
+        self._state = {
+            i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+            for i, p in enumerate(self.params)
+            if (st := self.optimizer.state.get(p))
+        }
+
+    @property
+    def ready(self) -> bool:
+        return self._weights is not None
+
+    def restore(self) -> None:
+        if self._weights is None or self._state is None:
+            raise RuntimeError("restore() before capture()")
+        with torch.no_grad():
+            for param, saved in zip(self.params, self._weights, strict=True):
+                param.copy_(saved)
+        for i, param in enumerate(self.params):
+            saved = self._state.get(i)
+            if saved is None:
+                self.optimizer.state.pop(param, None)
+                continue
+            state = self.optimizer.state[param]
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor) and isinstance(state.get(key), torch.Tensor):
+                    state[key].copy_(value)
+                else:
+                    state[key] = value.clone() if isinstance(value, torch.Tensor) else value
+
+    def copy_from(self, other: StateSnapshot) -> None:
+        self._weights = [w.clone() for w in other._weights] if other._weights else None
+        self._state = (
+            {
+                i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+                for i, st in other._state.items()
+            }
+            if other._state is not None
+            else None
+        )
+
+
+@dataclass
+class PolicySettings:
+    on_anomaly: str = "raise"
+    max_anomalies: int = 10
+    rollback_lr_factor: float = 0.5
+    rollback_every: int = 20
+
+
+class ClampOutput:
+    """A forward hook that clamps a module's output to +-``bound`` (owned, removable)."""
+
+    def __init__(self, module: torch.nn.Module, bound: float) -> None:
+        self.bound = bound
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if isinstance(output, torch.Tensor):
+            return torch.nan_to_num(output.clamp(-self.bound, self.bound), nan=0.0)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            first = torch.nan_to_num(output[0].clamp(-self.bound, self.bound), nan=0.0)
+            return (first, *output[1:])
+        return output
+
+    def remove(self) -> None:
+        self.handle.remove()

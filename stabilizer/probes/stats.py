@@ -1,0 +1,93 @@
+"""Turn a tensor into a few numbers without leaving the device.
+
+Nothing here calls ``.item()`` or copies to the host: each function returns small
+device tensors that the tracer stacks and copies once per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+_WIDE = (torch.float32, torch.float64)
+
+
+def near_limit_threshold(dtype: torch.dtype) -> float | None:
+    """Half the largest finite value of a 16-bit float dtype; None for wider dtypes.
+
+    A value past half the limit has one doubling of headroom left before it
+    overflows (fp16: 32752 of 65504), which is where early warnings start.
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.finfo(dtype).max / 2
+    return None
+
+
+def finite_flag(t: torch.Tensor) -> torch.Tensor:
+    """0-d float tensor: 0 when every element is finite, NaN otherwise (2 kernels).
+
+    ``inf * 0`` and ``nan * 0`` are NaN, so the sum is NaN exactly when something
+    is not finite; a sum of zeros can never overflow.
+    """
+    return (t.detach() * 0).sum(dtype=torch.float32)
+
+
+def tensor_stats(t: torch.Tensor) -> torch.Tensor:
+    """``[absmax, l2, sum, nan, inf, near]`` as a float32 device tensor of 6.
+
+    The host turns l2 and sum into RMS and mean with the element count it knows,
+    so several calls of one module in one step combine exactly.
+    """
+    x = t.detach()
+    threshold = near_limit_threshold(x.dtype)
+    if x.dtype not in _WIDE:
+        x = x.float()  # sums of fp16 values overflow long before the values do
+    absmax = torch.linalg.vector_norm(x, ord=math.inf)
+    l2 = torch.linalg.vector_norm(x)
+    total = x.sum()
+    nan = torch.isnan(x).sum()
+    inf = torch.isinf(x).sum()
+    near = (x.abs() > threshold).sum() if threshold is not None else torch.zeros_like(nan)
+    return torch.stack([absmax, l2, total, nan.float(), inf.float(), near.float()])
+
+
+def finish_stats(raw: np.ndarray, numel: float) -> np.ndarray:
+    """Host side: ``[absmax, l2, sum, nan, inf, near]`` -> ``TENSOR_STATS`` values."""
+    absmax, l2, total, nan, inf, near = (float(v) for v in raw)
+    n = max(numel, 1.0)
+    return np.array([absmax, l2 / math.sqrt(n), total / n, nan, inf, near / n])
+
+
+def combine_raw(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Merge two raw stat vectors of calls of one module within a step."""
+    return np.array(
+        [
+            max(a[0], b[0]),
+            math.hypot(a[1], b[1]),
+            a[2] + b[2],
+            a[3] + b[3],
+            a[4] + b[4],
+            a[5] + b[5],
+        ]
+    )
+
+
+def first_float_tensor(value) -> torch.Tensor | None:
+    """The first floating-point tensor in a tensor, tuple/list, dict or ModelOutput."""
+    if isinstance(value, torch.Tensor):
+        return value if value.is_floating_point() else None
+    if isinstance(value, dict) or hasattr(value, "to_tuple"):
+        items = value.values() if isinstance(value, dict) else value.to_tuple()
+        for item in items:
+            found = first_float_tensor(item)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = first_float_tensor(item)
+            if found is not None:
+                return found
+    return None

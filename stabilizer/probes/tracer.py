@@ -1,0 +1,563 @@
+"""Hooks that turn every probed module's tensors into per-step statistics.
+
+    >>> with stabilizer.trace(model, optimizer=opt) as tracer:
+    ...     for step, batch in enumerate(batches):
+    ...         tracer.begin_step(step)
+    ...         loss = model(**batch).loss
+    ...         loss.backward()
+    ...         opt.step(); opt.zero_grad()
+    ...         record = tracer.end_step(loss=loss)     # one device->host copy
+    ...         print(record.first_nonfinite())
+
+Cost tiers. Every step, each hooked tensor gets a two-kernel finiteness flag
+(so the step where NaN first appears names its module); every ``trace_every``
+steps it gets full statistics (abs-max, RMS, mean, NaN/Inf counts, fp16
+headroom), attention modules get the largest pre-softmax score, and trainable
+parameters get weight/grad norms and update/weight ratios. Results stay on the
+device in a list until ``end_step`` stacks and copies them once.
+
+Correctness notes:
+- Input statistics are taken in a forward *pre*-hook, so an in-place op inside
+  the module cannot make a finite input look non-finite.
+- Under activation checkpointing, forward hooks fire again while backward
+  recomputes; those calls are recognised (autograd is executing a graph task)
+  and ignored, so nothing is counted twice and "first" stays first.
+- Gradients are read with tensor hooks on module outputs and inputs, never with
+  ``register_full_backward_hook``, which changes gradient accumulation order.
+- A ``torch.compile``d model is refused with a clear message: hooks do not run
+  inside compiled graphs, so tracing would be silently off.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from stabilizer.errors import ConfigError
+from stabilizer.probes.naming import describe, strip_peft
+from stabilizer.probes.schema import PARAM_STATS, SITES, TENSOR_STATS
+from stabilizer.probes.stats import (
+    combine_raw,
+    finish_stats,
+    finite_flag,
+    first_float_tensor,
+    tensor_stats,
+)
+
+# Modules probed in InstructBLIP/BLIP-2 (names without peft's prefix).
+_L = r"qformer\.encoder\.layer\.\d+\."
+QFORMER_PROBES = (
+    _L + r"(attention|crossattention)\.attention(\.(query|key|value))?",
+    _L + r"(attention|crossattention)\.output\.(dense|LayerNorm)",
+    _L + r"(intermediate|output|intermediate_query|output_query)\.dense",
+    _L + r"(output|output_query)\.LayerNorm",
+    _L + r".*\.lora_[AB]\.default",
+    r"qformer\.(embeddings\.)?layernorm",
+    r"language_projection(\.modules_to_save\.default)?",
+    r"vision_model|qformer|language_model",
+)
+
+
+@dataclass(frozen=True)
+class ProbedModule:
+    index: int
+    name: str  # raw path from named_modules()
+    label: str
+    kind: str
+    layer: int | None
+    component: str
+    is_attention: bool
+
+
+@dataclass(frozen=True)
+class ProbedParam:
+    index: int
+    name: str
+    label: str
+    module_index: int | None
+    numel: int
+    dtype: str
+
+
+@dataclass
+class StepRecord:
+    """The statistics of one step, as numpy arrays indexed by module / parameter.
+
+    ``finite[site][i]`` is False where module i's tensor at ``site`` held NaN/Inf,
+    True where it was finite, and True where the site did not fire.
+    ``order[site][i]`` is the firing position (-1: did not fire). ``stats`` holds
+    ``TENSOR_STATS`` rows on full steps and is None otherwise.
+    """
+
+    step: int
+    full: bool
+    loss: float
+    lr: float | None
+    grad_norm: float
+    finite: dict[str, np.ndarray]
+    order: dict[str, np.ndarray]
+    stats: dict[str, np.ndarray] | None
+    score_max: np.ndarray | None
+    param_stats: np.ndarray  # (n_params, len(PARAM_STATS)); NaN where not measured
+    optimizer_stepped: bool
+    inputs_finite: dict[str, bool] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loss_finite(self) -> bool:
+        return math.isfinite(self.loss)
+
+    def nonfinite_sites(self) -> dict[str, list[int]]:
+        """Module indices with a non-finite tensor, per site, in firing order."""
+        out = {}
+        for site, flags in self.finite.items():
+            bad = [int(i) for i in np.flatnonzero(~flags)]
+            out[site] = sorted(bad, key=lambda i: self.order[site][i])
+        return out
+
+    @property
+    def params_finite(self) -> bool:
+        col = PARAM_STATS.index("weight_nonfinite")
+        return not np.nansum(self.param_stats[:, col]) > 0
+
+    @property
+    def grads_finite(self) -> bool:
+        col = PARAM_STATS.index("grad_nonfinite")
+        return not np.nansum(self.param_stats[:, col]) > 0
+
+    @property
+    def clean(self) -> bool:
+        return (
+            self.loss_finite
+            and all(self.inputs_finite.values())
+            and all(bool(f.all()) for f in self.finite.values())
+            and self.params_finite
+            and self.grads_finite
+        )
+
+
+def _in_backward() -> bool:
+    # Autograd runs a graph task during backward; forward hooks that fire then are
+    # activation-checkpointing recomputation, not a new forward pass.
+    return torch._C._current_graph_task_id() != -1
+
+
+def select_modules(model: nn.Module, pattern: str | None = None) -> list[tuple[str, nn.Module]]:
+    """The modules to probe: ``pattern`` (full match on names without peft's prefix),
+    the InstructBLIP/BLIP-2 preset when the model has a Q-Former, else every leaf
+    module that owns parameters."""
+    named = list(model.named_modules())
+    if pattern is not None:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(
+                f"--probe '{pattern}' is not a valid regular expression: {exc}"
+            ) from exc
+        chosen = [(n, m) for n, m in named if n and regex.fullmatch(strip_peft(n))]
+        if not chosen:
+            raise ConfigError(f"--probe '{pattern}' matches no module of this model")
+        return chosen
+    if any(strip_peft(n) == "qformer" for n, _ in named):
+        regex = re.compile("|".join(f"(?:{p})" for p in QFORMER_PROBES))
+        return [(n, m) for n, m in named if n and regex.fullmatch(strip_peft(n))]
+    return [
+        (n, m)
+        for n, m in named
+        if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))
+    ]
+
+
+class Tracer:
+    """Owns every hook it installs; ``close()`` (or leaving ``with``) removes them all."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        pattern: str | None = None,
+        trace_every: int = 1,
+        attention_scores: bool = True,
+    ) -> None:
+        if trace_every < 1:
+            raise ConfigError(f"--trace-every must be >= 1, got {trace_every}")
+        if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
+            raise ConfigError(
+                "this model is torch.compile'd: module hooks do not run inside compiled "
+                "graphs, so tracing would be silently off. Trace the model before compiling "
+                "it (or pass model._orig_mod and run it uncompiled while tracing)"
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.trace_every = trace_every
+        self.attention_scores = attention_scores
+        chosen = select_modules(model, pattern)
+        self.modules: list[ProbedModule] = []
+        self._index: dict[int, int] = {}
+        for name, module in chosen:
+            info = describe(name)
+            is_attention = hasattr(module, "query") and hasattr(module, "key")
+            index = len(self.modules)
+            self.modules.append(
+                ProbedModule(
+                    index, name, info.label, info.kind, info.layer, info.component, is_attention
+                )
+            )
+            self._index[id(module)] = index
+        self._module_objs = [m for _, m in chosen]
+        module_index = {m.name: m.index for m in self.modules}
+        self.params: list[ProbedParam] = []
+        self._param_tensors: list[nn.Parameter] = []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            owner_label = describe(owner).label if strip_peft(owner + ".") != "" else ""
+            label = f"{owner_label} .{leaf}" if owner_label else leaf.replace("_", " ")
+            self.params.append(
+                ProbedParam(
+                    len(self.params),
+                    name,
+                    label,
+                    module_index.get(owner),
+                    param.numel(),
+                    str(param.dtype).replace("torch.", ""),
+                )
+            )
+            self._param_tensors.append(param)
+        self._handles: list = []
+        self._tensor_handles: list = []
+        self._step = -1
+        self._full = False
+        self._reset_step_buffers()
+        self._attached = False
+
+    # -- lifecycle ---------------------------------------------------------------
+    def attach(self) -> Tracer:
+        if self._attached:
+            return self
+        for index, module in enumerate(self._module_objs):
+            self._handles.append(
+                module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True)
+            )
+            self._handles.append(module.register_forward_hook(self._make_post_hook(index)))
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._input_hook, with_kwargs=True)
+        )
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._before_opt_step))
+            self._handles.append(self.optimizer.register_step_post_hook(self._after_opt_step))
+        self._attached = True
+        return self
+
+    def close(self) -> None:
+        for handle in self._handles + self._tensor_handles:
+            handle.remove()
+        self._handles.clear()
+        self._tensor_handles.clear()
+        self._attached = False
+
+    def __enter__(self) -> Tracer:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- step boundaries -----------------------------------------------------------
+    def _reset_step_buffers(self) -> None:
+        self._flags: list[tuple[str, int, torch.Tensor]] = []
+        self._raw: list[tuple[str, int, int, torch.Tensor]] = []
+        self._order: dict[str, list[int]] = {site: [] for site in SITES}
+        self._seen: dict[str, set[int]] = {site: set() for site in SITES}
+        self._scores: list[tuple[int, torch.Tensor]] = []
+        self._inputs: list[tuple[str, torch.Tensor]] = []
+        self._last_qk: dict[tuple[str, str], torch.Tensor] = {}
+        self._grad_in_tensors: dict[int, list[int]] = {}
+        self._param_device: dict[str, torch.Tensor] = {}
+        self._snapshot: list[torch.Tensor] | None = None
+        self._optimizer_stepped = False
+        self._measured: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+    def begin_step(self, step: int, *, full: bool | None = None) -> None:
+        """Start recording step ``step`` (full statistics every ``trace_every`` steps)."""
+        for handle in self._tensor_handles:
+            handle.remove()
+        self._tensor_handles.clear()
+        self._reset_step_buffers()
+        self._step = step
+        self._full = (step % self.trace_every == 0) if full is None else full
+
+    @property
+    def full(self) -> bool:
+        return self._full
+
+    # -- hooks ---------------------------------------------------------------------
+    def _record(self, site: str, index: int, tensor: torch.Tensor) -> None:
+        if index not in self._seen[site]:
+            self._seen[site].add(index)
+            self._order[site].append(index)
+        # One tensor is often seen by several probes (a layer's input feeds query, key
+        # and value; lora_A's output is lora_B's input): measure it once per step.
+        # The weak reference tells a live tensor from a new one that reuses its id.
+        key = id(tensor)
+        cached = self._measured.get(key)
+        if cached is not None and cached[0]() is tensor:
+            value = cached[1]
+        else:
+            value = tensor_stats(tensor) if self._full else finite_flag(tensor)
+            self._measured[key] = (weakref.ref(tensor), value)
+        if self._full:
+            self._raw.append((site, index, tensor.numel(), value))
+        else:
+            self._flags.append((site, index, value))
+
+    def _make_pre_hook(self, index: int):
+        def hook(module, args, kwargs):
+            if _in_backward():
+                return None
+            tensor = first_float_tensor(args) if args else None
+            if tensor is None:
+                tensor = first_float_tensor(kwargs)
+            if tensor is None:
+                return None
+            self._record("fwd_in", index, tensor)
+            if tensor.requires_grad and torch.is_grad_enabled():
+                self._watch_grad_in(tensor, index)
+            return None
+
+        return hook
+
+    def _watch_grad_in(self, tensor: torch.Tensor, index: int) -> None:
+        # One tensor often feeds several modules (hidden states -> query, key, value):
+        # hook it once and credit the gradient to each of them.
+        key = id(tensor)
+        owners = self._grad_in_tensors.get(key)
+        if owners is not None:
+            owners.append(index)
+            return
+        owners = [index]
+        self._grad_in_tensors[key] = owners
+
+        def grad_hook(grad):
+            for owner in owners:
+                self._record("grad_in", owner, grad)
+
+        self._tensor_handles.append(tensor.register_hook(grad_hook))
+
+    def _make_post_hook(self, index: int):
+        info = self.modules[index]
+
+        def hook(module, args, output):
+            if _in_backward():
+                return None
+            tensor = first_float_tensor(output)
+            if tensor is None:
+                return None
+            self._record("fwd_out", index, tensor)
+            if self._full and self.attention_scores:
+                self._note_attention(module, index, info, tensor)
+            if tensor.requires_grad and torch.is_grad_enabled():
+
+                def grad_hook(grad):
+                    self._record("grad_out", index, grad)
+
+                self._tensor_handles.append(tensor.register_hook(grad_hook))
+            return None
+
+        return hook
+
+    def _note_attention(self, module, index, info, output) -> None:
+        # Query/key outputs are kept for the attention module that fires right after
+        # them; SDPA never shows its scores, so their maximum is recomputed here.
+        if info.name.endswith((".query", ".key")):
+            parent = info.name.rsplit(".", 1)[0]
+            self._last_qk[(parent, info.name.rsplit(".", 1)[1])] = output.detach()
+            return
+        if not info.is_attention:
+            return
+        q = self._last_qk.pop((info.name, "query"), None)
+        k = self._last_qk.pop((info.name, "key"), None)
+        heads = getattr(module, "num_attention_heads", None)
+        if q is None or k is None or not heads or q.dim() != 3 or k.dim() != 3:
+            return
+        d = q.shape[-1] // heads
+        qh = q.float().reshape(q.shape[0], q.shape[1], heads, d)
+        kh = k.float().reshape(k.shape[0], k.shape[1], heads, d)
+        scores = torch.einsum("bihd,bjhd->bhij", qh, kh) / math.sqrt(d)
+        self._scores.append((index, scores.amax()))
+
+    def _input_hook(self, module, args, kwargs):
+        if _in_backward():
+            return None
+        for name, value in list(kwargs.items()) + [(f"arg{i}", a) for i, a in enumerate(args)]:
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self._inputs.append((name, finite_flag(value)))
+        return None
+
+    # -- parameters around the optimizer step ------------------------------------------
+    def measure_grads(self) -> None:
+        """Measure parameter gradients now (after unscaling, before the optimizer step).
+
+        Called by the loop so that a step GradScaler skips (no optimizer hook runs)
+        still has its gradients measured; the optimizer pre-hook then does nothing.
+        """
+        self._before_opt_step(None, (), {})
+
+    def _before_opt_step(self, optimizer, args, kwargs) -> None:
+        if "grad_norm" in self._param_device:
+            return
+        grads = [
+            p.grad.detach().float() if p.grad is not None else torch.zeros(1, device=p.device)
+            for p in self._param_tensors
+        ]
+        if not grads:
+            return
+        self._param_device["grad_norm"] = torch.stack(torch._foreach_norm(grads))
+        self._param_device["grad_nonfinite"] = torch.stack([finite_flag(g) for g in grads])
+        if self._full:
+            self._snapshot = [p.detach().clone() for p in self._param_tensors]
+
+    def _after_opt_step(self, optimizer, args, kwargs) -> None:
+        self._optimizer_stepped = True
+        if not self._param_tensors:
+            return
+        weights = [p.detach().float() for p in self._param_tensors]
+        self._param_device["weight_norm"] = torch.stack(torch._foreach_norm(weights))
+        self._param_device["weight_nonfinite"] = torch.stack([finite_flag(w) for w in weights])
+        if self._snapshot is not None:
+            before = [s.float() for s in self._snapshot]
+            deltas = torch._foreach_sub(weights, before)
+            delta = torch.stack(torch._foreach_norm(deltas))
+            base = torch.stack(torch._foreach_norm(before))
+            self._param_device["update_ratio"] = delta / base.clamp_min(1e-30)
+            self._snapshot = None
+
+    def measure_params(self) -> None:
+        """Measure weights when no optimizer is attached (or its step was skipped)."""
+        if "weight_norm" not in self._param_device:
+            saved = self._optimizer_stepped
+            self._after_opt_step(None, (), {})
+            self._optimizer_stepped = saved
+
+    # -- the one copy per step -----------------------------------------------------------
+    def end_step(
+        self,
+        *,
+        loss: torch.Tensor | float | None = None,
+        lr: float | None = None,
+        grad_norm: torch.Tensor | float | None = None,
+        extra: dict[str, torch.Tensor | float] | None = None,
+    ) -> StepRecord:
+        """Stack everything recorded this step, copy it to the host once, and build the record."""
+        self.measure_params()
+        device_values: list[torch.Tensor] = []
+        layout: list[tuple[str, object]] = []
+
+        def add(kind: str, key, value) -> None:
+            if isinstance(value, torch.Tensor):
+                device_values.append(value.detach().float().reshape(-1))
+            else:
+                device_values.append(torch.tensor([float(value)], dtype=torch.float32))
+            layout.append((kind, key))
+
+        add("loss", None, loss if loss is not None else math.nan)
+        add("grad_norm", None, grad_norm if grad_norm is not None else math.nan)
+        for name, value in (extra or {}).items():
+            add("extra", name, value)
+        for name, flag in self._inputs:
+            add("input", name, flag)
+        for site, index, flag in self._flags:
+            add("flag", (site, index), flag)
+        for site, index, numel, raw in self._raw:
+            add("raw", (site, index, numel), raw)
+        for index, value in self._scores:
+            add("score", index, value)
+        for stat, value in self._param_device.items():
+            add("param", stat, value)
+        # The deliberate sync of the step: one concatenation, one device->host copy.
+        flat = torch.cat([v.to(device_values[0].device) for v in device_values]).cpu().numpy()
+        return self._build_record(flat, layout, device_values, lr)
+
+    def _build_record(self, flat, layout, device_values, lr) -> StepRecord:
+        n = len(self.modules)
+        finite = {site: np.ones(n, dtype=bool) for site in SITES}
+        order = {site: np.full(n, -1, dtype=np.int64) for site in SITES}
+        for site, indices in self._order.items():
+            for position, index in enumerate(indices):
+                order[site][index] = position
+        raw_acc: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
+        scores = np.full(n, np.nan) if self._full else None
+        params = np.full((len(self.params), len(PARAM_STATS)), np.nan)
+        inputs: dict[str, bool] = {}
+        extra: dict[str, float] = {}
+        loss = grad_norm = math.nan
+        offset = 0
+        for (kind, key), value in zip(layout, device_values, strict=True):
+            size = value.numel()
+            chunk = flat[offset : offset + size]
+            offset += size
+            if kind == "loss":
+                loss = float(chunk[0])
+            elif kind == "grad_norm":
+                grad_norm = float(chunk[0])
+            elif kind == "extra":
+                extra[key] = float(chunk[0])
+            elif kind == "input":
+                inputs[key] = inputs.get(key, True) and math.isfinite(chunk[0])
+            elif kind == "flag":
+                site, index = key
+                if not math.isfinite(chunk[0]):
+                    finite[site][index] = False
+            elif kind == "raw":
+                site, index, numel = key
+                # Full steps skip the separate flag: NaN/Inf counts say the same.
+                if chunk[3] > 0 or chunk[4] > 0:
+                    finite[site][index] = False
+                prev = raw_acc.get((site, index))
+                raw_acc[(site, index)] = (
+                    (chunk.astype(np.float64), numel)
+                    if prev is None
+                    else (combine_raw(prev[0], chunk), prev[1] + numel)
+                )
+            elif kind == "score":
+                value = float(chunk[0])
+                scores[key] = value if np.isnan(scores[key]) else max(scores[key], value)
+            elif kind == "param":
+                column = PARAM_STATS.index(key)
+                if key.endswith("nonfinite"):
+                    # finite_flag gives NaN for "has non-finite": store it as a count of 1.
+                    params[:, column] = np.where(np.isfinite(chunk), 0.0, 1.0)
+                else:
+                    params[:, column] = chunk
+        stats = None
+        if self._full:
+            stats = {site: np.full((n, len(TENSOR_STATS)), np.nan) for site in SITES}
+            for (site, index), (raw, numel) in raw_acc.items():
+                stats[site][index] = finish_stats(raw, numel)
+        return StepRecord(
+            step=self._step,
+            full=self._full,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            finite=finite,
+            order=order,
+            stats=stats,
+            score_max=scores,
+            param_stats=params,
+            optimizer_stepped=self._optimizer_stepped,
+            inputs_finite=inputs,
+            extra=extra,
+        )
+
+
+def trace(model: nn.Module, **kwargs) -> Tracer:
+    """``with stabilizer.trace(model, optimizer=opt) as tracer: ...`` (see :class:`Tracer`)."""
+    return Tracer(model, **kwargs)
