@@ -1,6 +1,6 @@
 # make demo   train the embedded default and show that the Q-Former learned to see
 # make test   lint, format check and the test suite
-# make bench  step time and memory: our loop vs a plain transformers+peft loop
+# make bench  step time and memory vs a plain transformers+peft loop; tracing overhead
 #
 # Each target makes its own .venv. The CPU wheel torch==2.13.0 is installed by
 # default; with a GPU keep the torch you already have:  make demo TORCH=skip
@@ -39,8 +39,16 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+# CPU part (the GPU part is benchmarks/gpu.sh, run on a machine with a GPU).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_loop.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_loop.py --preset tiny-instructblip-t5 --batch-sizes 32 \
+		--steps 20 --rounds 5 $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_loop.py --preset medium-instructblip-t5 --batch-sizes 4 \
+		--steps 3 --rounds 3 $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_trace.py --preset tiny-instructblip-t5 --batch-size 32 \
+		--steps 10 --rounds 4 $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_trace.py --preset medium-instructblip-t5 --batch-size 4 \
+		--steps 2 --rounds 3 $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -53,7 +53,32 @@ def _loop_section(result: dict) -> list[str]:
     return lines + [""]
 
 
-SECTIONS = {"loop": _loop_section}
+def _trace_section(result: dict) -> list[str]:
+    lines = [
+        f"### Tracing overhead — `{result['preset']}`, {result['precision']}, batch "
+        f"{result['batch_size']}",
+        "",
+        f"- machine: {result['machine']}; date {result['date']}",
+        f"- command: `{result['command']}`",
+        f"- {result['probed_modules']} probed modules, {result['trainable_tensors']} trainable "
+        f"tensors; {result['rounds']} rounds of {result['steps_per_block']} steps per mode",
+        "",
+        "| mode | step | ratio to untraced |",
+        "|---|---:|---:|",
+    ]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['mode']} | fails: {row['error']} | |")
+            continue
+        spread = row["ratio_spread"]
+        lines.append(
+            f"| {row['mode']} | {_fmt_s(row['step_s'])} | "
+            f"{row['ratio_to_untraced']:.3f} [{spread[0]:.3f}, {spread[1]:.3f}] |"
+        )
+    return lines + [""]
+
+
+SECTIONS = {"loop": _loop_section, "trace": _trace_section}
 
 
 def write_report(results_dir: Path, out: Path) -> None:

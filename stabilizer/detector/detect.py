@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from stabilizer.detector.diagnosis import Anomaly, make_anomaly
 from stabilizer.probes.schema import PARAM_STATS, TENSOR_STATS
@@ -72,6 +73,15 @@ class Detector:
             if record.loss_finite:
                 self._losses.append(record.loss)
         return anomaly
+
+    def weights_restored(self) -> None:
+        """The policy put the trainable tensors back (skip, clip, rollback): forget the
+        bad weights that are finite again, so that a later step that corrupts them is
+        reported as new instead of being taken for the one already reported."""
+        tensors = self.tracer._param_tensors
+        for i in list(self.bad_weights_since):
+            if bool(torch.isfinite(tensors[i]).all()):
+                del self.bad_weights_since[i]
 
     def warnings(self, record: StepRecord) -> list[Anomaly]:
         """Early warnings (nothing non-finite yet); each module/kind is reported once."""

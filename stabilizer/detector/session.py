@@ -145,12 +145,17 @@ class TraceSession:
             self.store.append_anomaly(**_anomaly_row(warning, self.store))
             self.console.print(f"[yellow]early warning:[/] {warning.card()}")
         status, accepted = "ok", True
-        if anomaly is not None and self._is_amp_skip(anomaly, record):
-            status, accepted = "skipped", True  # GradScaler already refused the update
-        elif anomaly is not None:
-            self._amp_skips_in_a_row = 0
-            status, accepted = self._handle(anomaly, record, micro_batches)
-        else:
+        try:
+            if anomaly is not None and self._is_amp_skip(anomaly, record):
+                status, accepted = "skipped", True  # GradScaler already refused the update
+            elif anomaly is not None:
+                self._amp_skips_in_a_row = 0
+                status, accepted = self._handle(anomaly, record, micro_batches)
+        except NumericalAnomalyError:
+            # The step that stops the run is the one a reader looks at first: keep it.
+            self.store.append_step(_step_data(record, "stopped"), replace=True)
+            raise
+        if anomaly is None:
             self._amp_skips_in_a_row = 0
             self._maybe_keep_good()
         self.store.append_step(_step_data(record, status), replace=True)
@@ -197,6 +202,9 @@ class TraceSession:
             self._act(record.step, "raise", "stopping on the first anomaly (--on-anomaly raise)")
             raise NumericalAnomalyError(anomaly, f"training stopped at step {record.step}")
         if count > self.cfg.max_anomalies:
+            if self.policy in ("skip", "clip", "rollback"):
+                self.before.restore()  # these policies never keep an anomalous update
+                self.detector.weights_restored()
             self._act(
                 record.step,
                 "stop",
@@ -212,6 +220,7 @@ class TraceSession:
             return "anomaly", True
         if self.policy in ("skip", "clip"):
             self.before.restore()
+            self.detector.weights_restored()
             self.summary.skipped_steps.append(record.step)
             self._act(
                 record.step,
@@ -227,9 +236,14 @@ class TraceSession:
             self.good.restore()
         else:
             self.before.restore()
-        self.scheduler.base_lrs = [
-            lr * self.cfg.rollback_lr_factor for lr in self.scheduler.base_lrs
-        ]
+        self.detector.weights_restored()
+        factor = self.cfg.rollback_lr_factor
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        # The schedule does not advance on this step, so the lower rate must also reach
+        # the optimizer now: the very next step is the one that must not diverge again.
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.summary.rolled_back_steps.append(record.step)
         self._act(
             record.step,

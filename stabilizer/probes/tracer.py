@@ -142,6 +142,14 @@ class StepRecord:
         )
 
 
+def _version_of(tensor: torch.Tensor) -> int | None:
+    # Inference-mode tensors have no version counter: never reuse their stats.
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 def _in_backward() -> bool:
     # Autograd runs a graph task during backward; forward hooks that fire then are
     # activation-checkpointing recomputation, not a new forward pass.
@@ -283,7 +291,7 @@ class Tracer:
         self._param_device: dict[str, torch.Tensor] = {}
         self._snapshot: list[torch.Tensor] | None = None
         self._optimizer_stepped = False
-        self._measured: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        self._measured: dict[int, tuple[weakref.ref, int | None, torch.Tensor]] = {}
 
     def begin_step(self, step: int, *, full: bool | None = None) -> None:
         """Start recording step ``step`` (full statistics every ``trace_every`` steps)."""
@@ -305,14 +313,21 @@ class Tracer:
             self._order[site].append(index)
         # One tensor is often seen by several probes (a layer's input feeds query, key
         # and value; lora_A's output is lora_B's input): measure it once per step.
-        # The weak reference tells a live tensor from a new one that reuses its id.
+        # The weak reference tells a live tensor from a new one that reuses its id; the
+        # version counter tells it from itself after an in-place op (h[0] = nan).
         key = id(tensor)
+        version = _version_of(tensor)
         cached = self._measured.get(key)
-        if cached is not None and cached[0]() is tensor:
-            value = cached[1]
+        if (
+            cached is not None
+            and version is not None
+            and cached[0]() is tensor
+            and cached[1] == version
+        ):
+            value = cached[2]
         else:
             value = tensor_stats(tensor) if self._full else finite_flag(tensor)
-            self._measured[key] = (weakref.ref(tensor), value)
+            self._measured[key] = (weakref.ref(tensor), version, value)
         if self._full:
             self._raw.append((site, index, tensor.numel(), value))
         else:
@@ -390,7 +405,10 @@ class Tracer:
         d = q.shape[-1] // heads
         qh = q.float().reshape(q.shape[0], q.shape[1], heads, d)
         kh = k.float().reshape(k.shape[0], k.shape[1], heads, d)
-        scores = torch.einsum("bihd,bjhd->bhij", qh, kh) / math.sqrt(d)
+        # The hook runs inside the model's autocast: without this the fp32 copies are
+        # cast back to fp16 and the recomputed scores overflow themselves.
+        with torch.autocast(q.device.type, enabled=False):
+            scores = torch.einsum("bihd,bjhd->bhij", qh, kh) / math.sqrt(d)
         self._scores.append((index, scores.amax()))
 
     def _input_hook(self, module, args, kwargs):
@@ -411,31 +429,32 @@ class Tracer:
         self._before_opt_step(None, (), {})
 
     def _before_opt_step(self, optimizer, args, kwargs) -> None:
-        if "grad_norm" in self._param_device:
+        if "grad_norm" in self._param_device or not self._param_tensors:
             return
         grads = [
-            p.grad.detach().float() if p.grad is not None else torch.zeros(1, device=p.device)
+            p.grad.detach() if p.grad is not None else torch.zeros(1, device=p.device)
             for p in self._param_tensors
         ]
-        if not grads:
-            return
-        self._param_device["grad_norm"] = torch.stack(torch._foreach_norm(grads))
-        self._param_device["grad_nonfinite"] = torch.stack([finite_flag(g) for g in grads])
+        # One fused norm per list; a NaN/Inf element makes its norm NaN/Inf, which is
+        # the per-tensor finiteness flag (no separate kernel per tensor).
+        norms = torch.stack(torch._foreach_norm(grads, dtype=torch.float32))
+        self._param_device["grad_norm"] = norms
+        self._param_device["grad_nonfinite"] = norms
         if self._full:
-            self._snapshot = [p.detach().clone() for p in self._param_tensors]
+            self._snapshot = torch._foreach_mul([p.detach() for p in self._param_tensors], 1.0)
 
     def _after_opt_step(self, optimizer, args, kwargs) -> None:
         self._optimizer_stepped = True
         if not self._param_tensors:
             return
-        weights = [p.detach().float() for p in self._param_tensors]
-        self._param_device["weight_norm"] = torch.stack(torch._foreach_norm(weights))
-        self._param_device["weight_nonfinite"] = torch.stack([finite_flag(w) for w in weights])
+        weights = [p.detach() for p in self._param_tensors]
+        norms = torch.stack(torch._foreach_norm(weights, dtype=torch.float32))
+        self._param_device["weight_norm"] = norms
+        self._param_device["weight_nonfinite"] = norms
         if self._snapshot is not None:
-            before = [s.float() for s in self._snapshot]
-            deltas = torch._foreach_sub(weights, before)
-            delta = torch.stack(torch._foreach_norm(deltas))
-            base = torch.stack(torch._foreach_norm(before))
+            deltas = torch._foreach_sub(weights, self._snapshot)
+            delta = torch.stack(torch._foreach_norm(deltas, dtype=torch.float32))
+            base = torch.stack(torch._foreach_norm(self._snapshot, dtype=torch.float32))
             self._param_device["update_ratio"] = delta / base.clamp_min(1e-30)
             self._snapshot = None
 

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The GPU part of `make bench`: the real-size random-init InstructBLIP-flan-t5-xl in bf16.
+# Step time and peak memory at batch 8, 16 and 24 (ours vs a plain transformers+peft loop),
+# then the tracing overhead at batch 8. Results go to $OUT (or benchmarks/results).
+set -euo pipefail
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
+python3 benchmarks/bench_loop.py --preset instructblip-flan-t5-xl-random --precision bf16 \
+    --batch-sizes 8,16,24 --device cuda --steps 3 --rounds 3 --warmup 2 --out "$out" --no-report
+python3 benchmarks/bench_trace.py --preset instructblip-flan-t5-xl-random --precision bf16 \
+    --batch-size 8 --device cuda --steps 3 --rounds 3 --warmup 1 --out "$out" --no-report
