@@ -338,6 +338,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
     # Per-step values stay on the device until a log step copies them at once.
     pending_loss: list[torch.Tensor] = []
     pending_norm: list[torch.Tensor] = []
+    pending_lr: list[float] = []  # the rate each step used (a host float: no sync)
     warned_nonfinite = False
     epoch = 0
 
@@ -350,6 +351,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
         n = len(pending_loss)
         losses, norms = values[:n], values[n:]
         first = step - n + 1
+        lrs = list(pending_lr)
         for offset, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
             metrics.write(
                 {
@@ -357,7 +359,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
                     "step": first + offset,
                     "loss": loss,
                     "grad_norm": norm,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lrs[offset],
                     "epoch": epoch,
                 }
             )
@@ -374,6 +376,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
             )
         pending_loss.clear()
         pending_norm.clear()
+        pending_lr.clear()
 
     def checkpoint(step: int) -> None:
         result.last_checkpoint = save_checkpoint(
@@ -425,6 +428,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
                     max_grad_norm=session.max_grad_norm if session else cfg.max_grad_norm,
                     before_update=session.before_update if session else None,
                 )
+                pending_lr.append(scheduler.get_last_lr()[0])
                 accepted = True
                 if session is not None:
                     accepted, _ = session.end_step(

@@ -118,6 +118,10 @@ class Detector:
         if since is not None:
             anomaly = make_anomaly(record.step, "forward", "weights-already-nonfinite", since=since)
             anomaly.evidence["non-finite trainable tensors"] = len(self.bad_weights_since)
+        elif not emerged:
+            # Every non-finite output had a non-finite input: the value was born in an
+            # op between probed modules or in a module that is not probed.
+            anomaly = make_anomaly(record.step, "forward", "unprobed-origin", label=info.label)
         elif info.is_attention and self._is_half():
             score = self._score(record, index)
             anomaly = make_anomaly(
@@ -207,13 +211,16 @@ class Detector:
 
     def _optimizer(self, record: StepRecord) -> Anomaly | None:
         if record.params_finite:
-            ratios = record.param_stats[:, _PSTAT["update_ratio"]]
-            if np.isfinite(ratios).any() and np.nanmax(ratios) > 1.0:
-                worst = int(np.nanargmax(ratios))
-                anomaly = make_anomaly(
-                    record.step, "optimizer", "update-too-large", ratio=float(ratios[worst])
-                )
-                anomaly.evidence["parameter"] = self.params[worst].name
+            overall = record.extra.get("update_ratio_all", math.nan)
+            if math.isfinite(overall) and overall > 1.0:
+                ratios = record.param_stats[:, _PSTAT["update_ratio"]]
+                anomaly = make_anomaly(record.step, "optimizer", "update-too-large", ratio=overall)
+                if np.isfinite(ratios).any():
+                    worst = int(np.nanargmax(ratios))
+                    anomaly.module = self.params[worst].label
+                    anomaly.module_path = self.params[worst].name
+                    anomaly.module_index = self.params[worst].module_index
+                    anomaly.evidence["largest single-tensor ratio"] = float(ratios[worst])
                 return anomaly
             return None
         bad = [i for i, row in enumerate(record.param_stats) if row[_PSTAT["weight_nonfinite"]] > 0]

@@ -79,6 +79,12 @@ CAUSES: dict[str, Cause] = {
             "everywhere gives NaN) and inputs to log/sqrt/division",
         ),
         Cause(
+            "unprobed-origin",
+            "the first non-finite value appeared outside the probed modules: {label} is the "
+            "first probed module to show it, and its input was already non-finite",
+            "Probe more modules to find the op (--probe, e.g. '.*'), or replay the step",
+        ),
+        Cause(
             "all-labels-masked",
             "every activation was finite but the loss was not: the batch has no label token "
             "(all -100), so the mean loss is 0/0",
@@ -172,7 +178,7 @@ class Anomaly:
 
 
 def make_anomaly(step: int, pass_: str, cause: str, **values: Any) -> Anomaly:
-    """Fill a catalogue entry's templates with ``values`` (and keep them as evidence)."""
+    """Fill a catalogue entry's templates with ``values``."""
     entry = CAUSES[cause]
     fields = {k: v for k, v in values.items() if not k.startswith("_")}
     return Anomaly(

@@ -140,7 +140,8 @@ class TraceSession:
             loss=loss, lr=lr, grad_norm=grad_norm, extra={"label_tokens": label_tokens}
         )
         anomaly = self.detector.check(record)
-        for warning in self.detector.warnings(record):
+        # An early warning says "nothing is non-finite yet": never beside an anomaly.
+        for warning in self.detector.warnings(record) if anomaly is None else []:
             self.summary.warnings.append(warning)
             self.store.append_anomaly(**_anomaly_row(warning, self.store))
             self.console.print(f"[yellow]early warning:[/] {warning.card()}")

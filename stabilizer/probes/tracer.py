@@ -455,7 +455,12 @@ class Tracer:
             deltas = torch._foreach_sub(weights, self._snapshot)
             delta = torch.stack(torch._foreach_norm(deltas, dtype=torch.float32))
             base = torch.stack(torch._foreach_norm(self._snapshot, dtype=torch.float32))
-            self._param_device["update_ratio"] = delta / base.clamp_min(1e-30)
+            # A tensor that starts at exactly zero (lora_B) has no update ratio on its
+            # first step: dividing by a clamped 0 would call every healthy step huge.
+            self._param_device["update_ratio"] = torch.where(base > 0, delta / base, math.nan)
+            # Over all trainable tensors together: a freshly started tensor (lora_B from 0)
+            # has a large ratio of its own on its first steps without anything being wrong.
+            self._param_device["update_ratio_all"] = delta.norm() / base.norm().clamp_min(1e-30)
             self._snapshot = None
 
     def measure_params(self) -> None:
@@ -548,6 +553,8 @@ class Tracer:
             elif kind == "score":
                 value = float(chunk[0])
                 scores[key] = value if np.isnan(scores[key]) else max(scores[key], value)
+            elif kind == "param" and key not in PARAM_STATS:
+                extra[key] = float(chunk[0])
             elif kind == "param":
                 column = PARAM_STATS.index(key)
                 if key.endswith("nonfinite"):
