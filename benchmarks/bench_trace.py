@@ -6,6 +6,7 @@ Modes, interleaved in one process on the same model and batch:
 |-----------------|-------------------------------------------------------------------------|
 | untraced        | stabilizer's training step, no hooks                                    |
 | trace-full      | --trace with full statistics every step (trace_every=1) + the detector  |
+| trace-full-compiled | as trace-full with --compile-stats (torch.compile fuses the stats)  |
 | trace-check     | --trace with only the per-module NaN/Inf check (full stats never)       |
 | debug-overflow  | transformers' DebugUnderflowOverflow on a copy of the model             |
 | detect-anomaly  | torch.autograd.detect_anomaly() around forward and backward             |
@@ -41,7 +42,14 @@ from stabilizer.precision import plan_precision  # noqa: E402
 from stabilizer.probes.tracer import Tracer  # noqa: E402
 from stabilizer.train import build_model, make_encoder, make_optimizer, train_step  # noqa: E402
 
-MODES = ("untraced", "trace-full", "trace-check", "debug-overflow", "detect-anomaly")
+MODES = (
+    "untraced",
+    "trace-full",
+    "trace-full-compiled",
+    "trace-check",
+    "debug-overflow",
+    "detect-anomaly",
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -84,14 +92,19 @@ def main(argv: list[str] | None = None) -> dict:
     counter = {"step": 0}
 
     def traced(kind: str):
-        tracer = Tracer(model, optimizer=optimizer, trace_every=1 if kind == "full" else 10**9)
+        tracer = Tracer(
+            model,
+            optimizer=optimizer,
+            trace_every=1 if kind.startswith("full") else 10**9,
+            compile_stats=kind == "full-compiled",
+        )
         detector = Detector(tracer, DetectorContext())
         tracers[kind] = tracer
 
         def run():
             tracer.attach()
             counter["step"] += 1
-            tracer.begin_step(counter["step"], full=(kind == "full"))
+            tracer.begin_step(counter["step"], full=kind.startswith("full"))
             loss, norm = train_step(
                 model,
                 [batch],
@@ -111,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     runners = {"untraced": lambda: (plain_step(), sync(device))}
     runners["trace-full"] = traced("full")
+    if "trace-full-compiled" in modes:
+        runners["trace-full-compiled"] = traced("full-compiled")
     runners["trace-check"] = traced("check")
     if "debug-overflow" in modes:
         from transformers.debug_utils import DebugUnderflowOverflow

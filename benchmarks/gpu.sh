@@ -7,6 +7,6 @@ out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
 python3 benchmarks/bench_loop.py --preset instructblip-flan-t5-xl-random --precision bf16 \
-    --batch-sizes 8,16,24 --device cuda --steps 3 --rounds 3 --warmup 2 --out "$out" --no-report
+    --batch-sizes 8,16,24 --device cuda --steps 5 --rounds 4 --warmup 2 --out "$out" --no-report
 python3 benchmarks/bench_trace.py --preset instructblip-flan-t5-xl-random --precision bf16 \
     --batch-size 8 --device cuda --steps 3 --rounds 3 --warmup 1 --out "$out" --no-report

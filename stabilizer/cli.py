@@ -245,6 +245,12 @@ def _train_options(func):
         ),
         click.option("--probe", help=_h("probe")),
         click.option(
+            "--compile-stats/--eager-stats",
+            default=d.compile_stats,
+            show_default=True,
+            help=_h("compile_stats"),
+        ),
+        click.option(
             "--on-anomaly",
             type=click.Choice(ANOMALY_POLICIES),
             default=d.on_anomaly,

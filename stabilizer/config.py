@@ -120,6 +120,13 @@ class TrainConfig:
         default=None,
         metadata=_help("regex of module names to probe (default: the Q-Former preset)"),
     )
+    compile_stats: bool = field(
+        default=False,
+        metadata=_help(
+            "fuse the per-tensor statistics with torch.compile (faster full tracing; "
+            "compiles once at start)"
+        ),
+    )
     on_anomaly: str = field(
         default="raise", metadata=_help("with --trace: raise, skip, clip, rollback or warn")
     )

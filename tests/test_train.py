@@ -187,3 +187,55 @@ def test_classic_fp16_adapter_failure_is_reproduced_and_reported(tmp_path):
     text = console.export_text()
     assert "reproducing the classic failure" in text
     assert "loss is not finite at step 1" in text
+
+
+def test_gradient_checkpointing_of_the_lm_gives_the_same_losses(tmp_path):
+    plain = train(
+        quick_config(tmp_path, run_dir=tmp_path / "a", max_steps=3, save_every=None),
+        console=quiet(),
+    )
+    checkpointed = train(
+        quick_config(
+            tmp_path,
+            run_dir=tmp_path / "b",
+            max_steps=3,
+            save_every=None,
+            gradient_checkpointing=True,
+        ),
+        console=quiet(),
+    )
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-6)
+
+
+def test_eval_every_and_checkpoints_every_epoch(tmp_path):
+    # 16 samples in batches of 4: an epoch is 4 steps.
+    cfg = quick_config(
+        tmp_path,
+        max_train_samples=16,
+        max_steps=None,
+        epochs=2,
+        save_every=None,
+        save_every_epochs=1,
+        eval_every=2,
+    )
+    result = train(cfg, console=quiet())
+    assert len(result.losses) == 8
+    assert [c.name for c in list_checkpoints(cfg.run_dir)] == ["step-00000004", "step-00000008"]
+    evals = [r["step"] for r in read_metrics(cfg.run_dir) if r["kind"] == "eval"]
+    assert evals == [2, 4, 6, 8]
+
+
+def test_grad_accumulation_and_schedules_run(tmp_path):
+    for schedule in ("linear", "constant"):
+        result = train(
+            quick_config(
+                tmp_path,
+                run_dir=tmp_path / schedule,
+                max_steps=3,
+                grad_accum=2,
+                schedule=schedule,
+                save_every=None,
+            ),
+            console=quiet(),
+        )
+        assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)

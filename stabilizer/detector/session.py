@@ -71,7 +71,11 @@ class TraceSession:
         self.run_dir = run_dir
         self.uses_grad_scaler = uses_grad_scaler
         self.tracer = Tracer(
-            model, optimizer=optimizer, pattern=cfg.probe, trace_every=cfg.trace_every
+            model,
+            optimizer=optimizer,
+            pattern=cfg.probe,
+            trace_every=cfg.trace_every,
+            compile_stats=cfg.compile_stats,
         ).attach()
         self.detector = Detector(
             self.tracer,

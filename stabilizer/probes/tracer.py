@@ -44,6 +44,7 @@ from stabilizer.probes.naming import describe, strip_peft
 from stabilizer.probes.schema import PARAM_STATS, SITES, TENSOR_STATS
 from stabilizer.probes.stats import (
     combine_raw,
+    compiled_tensor_stats,
     finish_stats,
     finite_flag,
     first_float_tensor,
@@ -193,6 +194,7 @@ class Tracer:
         pattern: str | None = None,
         trace_every: int = 1,
         attention_scores: bool = True,
+        compile_stats: bool = False,
     ) -> None:
         if trace_every < 1:
             raise ConfigError(f"--trace-every must be >= 1, got {trace_every}")
@@ -206,6 +208,8 @@ class Tracer:
         self.optimizer = optimizer
         self.trace_every = trace_every
         self.attention_scores = attention_scores
+        # Eager statistics by default; compiled ones fuse eight passes into one.
+        self._stats_fn = compiled_tensor_stats() if compile_stats else tensor_stats
         chosen = select_modules(model, pattern)
         self.modules: list[ProbedModule] = []
         self._index: dict[int, int] = {}
@@ -326,7 +330,7 @@ class Tracer:
         ):
             value = cached[2]
         else:
-            value = tensor_stats(tensor) if self._full else finite_flag(tensor)
+            value = self._stats_fn(tensor) if self._full else finite_flag(tensor)
             self._measured[key] = (weakref.ref(tensor), version, value)
         if self._full:
             self._raw.append((site, index, tensor.numel(), value))
@@ -481,35 +485,46 @@ class Tracer:
     ) -> StepRecord:
         """Stack everything recorded this step, copy it to the host once, and build the record."""
         self.measure_params()
-        device_values: list[torch.Tensor] = []
-        layout: list[tuple[str, object]] = []
+        device = self._device(loss)
+        layout: list[tuple[str, object, int]] = []  # (kind, key, size) in copy order
+        parts: list[torch.Tensor] = []
 
-        def add(kind: str, key, value) -> None:
+        def scalar(value) -> torch.Tensor:
             if isinstance(value, torch.Tensor):
-                device_values.append(value.detach().float().reshape(-1))
-            else:
-                device_values.append(torch.tensor([float(value)], dtype=torch.float32))
-            layout.append((kind, key))
+                return value.detach().reshape(()).to(device, torch.float32)
+            return torch.tensor(math.nan if value is None else float(value), device=device)
 
-        add("loss", None, loss if loss is not None else math.nan)
-        add("grad_norm", None, grad_norm if grad_norm is not None else math.nan)
-        for name, value in (extra or {}).items():
-            add("extra", name, value)
-        for name, flag in self._inputs:
-            add("input", name, flag)
-        for site, index, flag in self._flags:
-            add("flag", (site, index), flag)
-        for site, index, numel, raw in self._raw:
-            add("raw", (site, index, numel), raw)
-        for index, value in self._scores:
-            add("score", index, value)
+        # Scalars first, then one stacked tensor per kind of record: a handful of
+        # ops however many modules fired, then the step's one device->host copy.
+        heads = [("loss", None, loss), ("grad_norm", None, grad_norm)]
+        heads += [("extra", name, value) for name, value in (extra or {}).items()]
+        heads += [("input", name, flag) for name, flag in self._inputs]
+        heads += [("score", index, value) for index, value in self._scores]
+        parts.append(torch.stack([scalar(v) for _, _, v in heads]))
+        layout += [(kind, key, 1) for kind, key, _ in heads]
+        if self._flags:
+            parts.append(torch.stack([f for _, _, f in self._flags]).float())
+            layout += [("flag", (site, index), 1) for site, index, _ in self._flags]
+        if self._raw:
+            parts.append(torch.stack([r for *_, r in self._raw]).float().reshape(-1))
+            layout += [("raw", (site, index, numel), 6) for site, index, numel, _ in self._raw]
         for stat, value in self._param_device.items():
-            add("param", stat, value)
-        # The deliberate sync of the step: one concatenation, one device->host copy.
-        flat = torch.cat([v.to(device_values[0].device) for v in device_values]).cpu().numpy()
-        return self._build_record(flat, layout, device_values, lr)
+            parts.append(value.reshape(-1).float())
+            layout.append(("param", stat, value.numel()))
+        # The deliberate sync of the step.
+        flat = torch.cat([p.to(device) for p in parts]).cpu().numpy()
+        return self._build_record(flat, layout, lr)
 
-    def _build_record(self, flat, layout, device_values, lr) -> StepRecord:
+    def _device(self, loss) -> torch.device:
+        if isinstance(loss, torch.Tensor):
+            return loss.device
+        for _, _, flag in self._flags:
+            return flag.device
+        for *_, raw in self._raw:
+            return raw.device
+        return torch.device("cpu")
+
+    def _build_record(self, flat, layout, lr) -> StepRecord:
         n = len(self.modules)
         finite = {site: np.ones(n, dtype=bool) for site in SITES}
         order = {site: np.full(n, -1, dtype=np.int64) for site in SITES}
@@ -523,8 +538,7 @@ class Tracer:
         extra: dict[str, float] = {}
         loss = grad_norm = math.nan
         offset = 0
-        for (kind, key), value in zip(layout, device_values, strict=True):
-            size = value.numel()
+        for kind, key, size in layout:
             chunk = flat[offset : offset + size]
             offset += size
             if kind == "loss":
