@@ -523,6 +523,24 @@ def predict(run_dir, image_path, question, choices, checkpoint, device) -> None:
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def report(run_dir: Path) -> None:
+    """Write RUN_DIR/report.html and its PNG plots from the run's trace store.
+
+    Runs automatically at the end of `train --trace`, and when training stops on
+    an anomaly or crashes; run it by hand on a run that was killed, or while one
+    is still training (the store can be read while it is written).
+    """
+    from stabilizer.reports import write_report
+
+    try:
+        page = write_report(run_dir)
+    except StabilizerError as err:
+        _fail(err)
+    click.echo(f"wrote {page}")
+
+
+@main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 def replay(bundle: Path, device: str) -> None:

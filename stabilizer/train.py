@@ -467,6 +467,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
         metrics.close()
         if session is not None:
             session.close()
+            _write_report(run_dir, console)  # also when stopped on an anomaly or crashed
         raise
     if session is not None:
         result.trace = session.summary
@@ -498,7 +499,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
         },
     )
     console.print(accuracy_table(result.final_eval, result.majority_baseline))
+    if result.trace is not None:
+        _write_report(run_dir, console)
     return result
+
+
+def _write_report(run_dir: Path, console: Console) -> None:
+    """The HTML report of a traced run; a failure here must never hide the run's own."""
+    try:
+        from stabilizer.reports import write_report
+
+        page = write_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        console.print(f"[yellow]could not write the report: {type(exc).__name__}: {exc}[/]")
+        return
+    console.print(f"report: {page}")
 
 
 def _due(cfg: TrainConfig, done: int, order: DataOrder) -> bool:

@@ -152,7 +152,8 @@ class TraceSession:
         status, accepted = "ok", True
         try:
             if anomaly is not None and self._is_amp_skip(anomaly, record):
-                status, accepted = "skipped", True  # GradScaler already refused the update
+                # GradScaler already refused the update; the schedule must not advance either.
+                status, accepted = "skipped", False
             elif anomaly is not None:
                 self._amp_skips_in_a_row = 0
                 status, accepted = self._handle(anomaly, record, micro_batches)

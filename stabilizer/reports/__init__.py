@@ -1,0 +1,46 @@
+"""Reports from the trace store alone: PNG plots and one self-contained HTML page.
+
+    >>> from stabilizer.reports import write_report
+    >>> write_report(Path("runs/classic"))        # runs/classic/report.html + report/*.png
+    PosixPath('runs/classic/report.html')
+
+Nothing here imports torch: a report can be made on a machine that only has the
+run folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REPORT_FILE = "report.html"
+FIGURES_DIR = "report"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One PNG of the report."""
+
+    name: str  # file stem, unique in the report, e.g. "heatmap-fwd_out-absmax"
+    title: str  # heading shown above it
+    path: Path  # the PNG, under run_dir/report/
+    caption: str  # one or two sentences: what to look at
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``run_dir/report.html`` and its PNGs from ``run_dir/trace.db``; return the page."""
+    from stabilizer.reports.html import render_html
+    from stabilizer.reports.plots import make_figures
+    from stabilizer.store import TraceStore
+
+    run_dir = Path(run_dir)
+    out_dir = run_dir / FIGURES_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with TraceStore.open(run_dir / "trace.db") as store:
+        figures = make_figures(store, out_dir)
+        page = render_html(store, run_dir, figures)
+    target = run_dir / REPORT_FILE
+    tmp = target.with_name(f".{REPORT_FILE}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(target)
+    return target
