@@ -33,7 +33,15 @@ def write_report(run_dir: Path) -> Path:
     from stabilizer.reports.plots import make_figures
     from stabilizer.store import TraceStore
 
+    from stabilizer.errors import ConfigError
+
     run_dir = Path(run_dir)
+    if not (run_dir / "trace.db").is_file():
+        what = "is not a folder" if not run_dir.is_dir() else "has no trace.db"
+        raise ConfigError(
+            f"{run_dir} {what}: the report is built from a run's trace store; "
+            "train with --trace (stabilizer train --trace ...) and pass that run folder"
+        )
     out_dir = run_dir / FIGURES_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     with TraceStore.open(run_dir / "trace.db") as store:
