@@ -29,10 +29,6 @@ class Figure:
 
 def write_report(run_dir: Path) -> Path:
     """Write ``run_dir/report.html`` and its PNGs from ``run_dir/trace.db``; return the page."""
-    from stabilizer.reports.html import render_html
-    from stabilizer.reports.plots import make_figures
-    from stabilizer.store import TraceStore
-
     from stabilizer.errors import ConfigError
 
     run_dir = Path(run_dir)
@@ -42,6 +38,10 @@ def write_report(run_dir: Path) -> Path:
             f"{run_dir} {what}: the report is built from a run's trace store; "
             "train with --trace (stabilizer train --trace ...) and pass that run folder"
         )
+    from stabilizer.reports.html import render_html
+    from stabilizer.reports.plots import make_figures
+    from stabilizer.store import TraceStore
+
     out_dir = run_dir / FIGURES_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     with TraceStore.open(run_dir / "trace.db") as store:
