@@ -239,3 +239,31 @@ def test_grad_accumulation_and_schedules_run(tmp_path):
             console=quiet(),
         )
         assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
+
+
+def test_traced_run_resumes_into_the_same_store(tmp_path, monkeypatch):
+    from stabilizer.store import TraceStore
+
+    real_train_batch = BatchEncoder.train_batch
+    calls = {"n": 0}
+
+    def dying_train_batch(self, samples, **kwargs):
+        if kwargs.get("pixel_values") is None:
+            calls["n"] += 1
+            if calls["n"] == 7:
+                raise KeyboardInterrupt("simulated kill")
+        return real_train_batch(self, samples, **kwargs)
+
+    cfg = quick_config(tmp_path, trace=True, trace_every=2)
+    monkeypatch.setattr(BatchEncoder, "train_batch", dying_train_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, console=quiet())
+    monkeypatch.setattr(BatchEncoder, "train_batch", real_train_batch)
+    with TraceStore.open(cfg.run_dir / "trace.db") as store:
+        assert list(store.steps()["step"]) == [0, 1, 2, 3, 4, 5]  # committed before the kill
+
+    train(cfg, resume=True, console=quiet())
+    with TraceStore.open(cfg.run_dir / "trace.db") as store:
+        steps = store.steps()
+        assert list(steps["step"]) == list(range(8))  # 4 and 5 replaced, no duplicates
+        assert list(steps["full"]) == [True, False] * 4
