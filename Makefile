@@ -1,6 +1,7 @@
 # make demo   train the embedded default and show that the Q-Former learned to see
 # make test   lint, format check and the test suite
 # make bench  step time and memory vs a plain transformers+peft loop; tracing overhead
+# make report-check  render real report pages in headless Chromium, fail on console errors
 #
 # Each target makes its own .venv. The CPU wheel torch==2.13.0 is installed by
 # default; with a GPU keep the torch you already have:  make demo TORCH=skip
@@ -15,7 +16,7 @@ BENCH_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stabilizer-installed
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench venv clean report-check
 
 venv: $(STAMP)
 
@@ -49,6 +50,13 @@ bench: $(STAMP)
 		--steps 10 --rounds 4 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_trace.py --preset medium-instructblip-t5 --batch-size 4 \
 		--steps 2 --rounds 3 $(BENCH_ARGS)
+
+# Open real report pages in headless Chromium (installs Debian's chromium as root if
+# missing): first prove the checker catches a throw/console.error/broken image, then
+# check the pages.
+report-check: $(STAMP)
+	$(BIN)/python scripts/report_check.py --self-test
+	$(BIN)/python scripts/report_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
