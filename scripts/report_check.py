@@ -313,34 +313,20 @@ def build_pages(work: Path) -> list[tuple[str, Path, list[str] | None]]:
 
     from stabilizer.config import TrainConfig
     from stabilizer.detector.policy import NumericalAnomalyError
-    from stabilizer.models.lora import LoraSettings
     from stabilizer.train import train
 
-    common = dict(
-        max_steps=4,
-        batch_size=4,
-        max_train_samples=32,
-        max_eval_samples=8,
-        eval_batch_size=8,
-        save_every=None,
-        log_every=2,
-        warmup_steps=2,
-        lr=1e-3,
-        blank_and_shuffled_eval=False,
-        lora=LoraSettings(targets="attention", rank=4),
-        trace=True,
-    )
+    common = dict(max_steps=4, max_train_samples=32, save_every=None, trace=True)
     console = Console(file=io.StringIO(), width=120)  # the runs' own output is not shown
     pages = []
     started = time.perf_counter()
     healthy = work / "healthy"
     print(f"report-check: training the tiny model for 4 traced steps into {healthy}", flush=True)
-    train(TrainConfig(run_dir=healthy, **common), console=console)
+    train(TrainConfig.smoke(healthy, **common), console=console)
     pages.append(("healthy run", *_report(healthy)))
     classic = work / "classic"
     print(f"report-check: the classic fp16 failure (stops at step 0) into {classic}", flush=True)
     try:
-        train(TrainConfig(run_dir=classic, adapter_dtype="fp16", **common), console=console)
+        train(TrainConfig.smoke(classic, adapter_dtype="fp16", **common), console=console)
     except NumericalAnomalyError:
         pass
     else:

@@ -194,6 +194,30 @@ class TrainConfig:
                 f"--rollback-lr-factor must be in (0, 1], got {self.rollback_lr_factor}"
             )
 
+    @classmethod
+    def smoke(cls, run_dir: Path | str, **overrides: Any) -> TrainConfig:
+        """A run of a few seconds on the tiny preset: for tests, checks and trying things.
+
+        >>> cfg = TrainConfig.smoke("runs/smoke", trace=True, adapter_dtype="fp16")
+        """
+        values: dict[str, Any] = dict(
+            max_steps=8,
+            batch_size=4,
+            max_train_samples=64,
+            max_eval_samples=8,
+            eval_batch_size=8,
+            save_every=4,
+            keep_last=None,
+            log_every=2,
+            warmup_steps=2,
+            lr=1e-3,
+            blank_and_shuffled_eval=False,
+            run_dir=Path(run_dir),
+            lora=LoraSettings(targets="attention", rank=4),
+        )
+        values.update(overrides)
+        return cls(**values)
+
     @property
     def reproduces_classic_failure(self) -> bool:
         """``--adapter-dtype fp16``: adapters, their AdamW state and the base all in fp16."""

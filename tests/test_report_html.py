@@ -20,7 +20,6 @@ from rich.console import Console
 
 from stabilizer.config import TrainConfig
 from stabilizer.detector.policy import NumericalAnomalyError
-from stabilizer.models.lora import LoraSettings
 from stabilizer.probes.schema import SITES, TENSOR_STATS
 from stabilizer.reports import Figure
 from stabilizer.reports.html import render_html
@@ -154,23 +153,9 @@ def figures_for(store: TraceStore, run_dir: Path) -> list[Figure]:
 
 
 def config(run_dir: Path, **overrides) -> TrainConfig:
-    values = dict(
-        max_steps=6,
-        batch_size=4,
-        max_train_samples=64,
-        max_eval_samples=8,
-        eval_batch_size=8,
-        save_every=None,
-        log_every=2,
-        warmup_steps=2,
-        lr=1e-3,
-        blank_and_shuffled_eval=False,
-        run_dir=run_dir,
-        lora=LoraSettings(targets="attention", rank=4),
-        trace=True,
+    return TrainConfig.smoke(
+        run_dir, **{"max_steps": 6, "save_every": None, "trace": True, **overrides}
     )
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def render(run_dir: Path, figures: list[Figure] | None = None) -> tuple[str, list[Figure], dict]:

@@ -11,7 +11,6 @@ from rich.console import Console
 
 from stabilizer.config import TrainConfig
 from stabilizer.detector.policy import NumericalAnomalyError
-from stabilizer.models.lora import LoraSettings
 from stabilizer.probes.schema import PARAM_STATS, TENSOR_STATS
 from stabilizer.reports.plots import (
     MAX_COLUMNS,
@@ -44,22 +43,8 @@ NAN = float("nan")
 
 def traced_run(root, name: str, **overrides):
     """Train the tiny preset with --trace into root/name; return the run folder."""
-    cfg = TrainConfig(
-        max_steps=6,
-        batch_size=4,
-        max_train_samples=64,
-        max_eval_samples=8,
-        eval_batch_size=8,
-        save_every=None,
-        log_every=2,
-        warmup_steps=2,
-        lr=1e-3,
-        blank_and_shuffled_eval=False,
-        run_dir=root / name,
-        lora=LoraSettings(targets="attention", rank=4),
-        trace=True,
-        **overrides,
-    )
+    settings = {"max_steps": 6, "save_every": None, "trace": True, **overrides}
+    cfg = TrainConfig.smoke(root / name, **settings)
     train(cfg, console=Console(record=True, width=120))
     return cfg.run_dir
 

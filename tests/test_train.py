@@ -13,29 +13,12 @@ from stabilizer.checkpoint import list_checkpoints
 from stabilizer.config import TrainConfig
 from stabilizer.data.collate import BatchEncoder
 from stabilizer.errors import BadSampleError, ConfigError
-from stabilizer.models.lora import LoraSettings
 from stabilizer.rundir import read_metrics
 from stabilizer.train import train
 
 
 def quick_config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(
-        max_steps=8,
-        batch_size=4,
-        max_train_samples=64,
-        max_eval_samples=8,
-        eval_batch_size=8,
-        save_every=4,
-        keep_last=None,
-        log_every=2,
-        warmup_steps=2,
-        lr=1e-3,
-        blank_and_shuffled_eval=False,
-        run_dir=tmp_path / "run",
-        lora=LoraSettings(targets="attention", rank=4),
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.smoke(overrides.pop("run_dir", tmp_path / "run"), **overrides)
 
 
 def quiet() -> Console:
