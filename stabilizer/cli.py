@@ -309,7 +309,12 @@ def main() -> None:
       stabilizer train                        train the embedded default (about 3 minutes on CPU)
       stabilizer inspect                      see which Q-Former layers LoRA would touch
       stabilizer eval runs/latest             score the last run (real, blank, shuffled images)
-      stabilizer train --adapter-dtype fp16   reproduce the classic fp16 NaN failure
+      stabilizer train --adapter-dtype fp16 --trace
+                                              reproduce the classic fp16 NaN failure and see
+                                              where and why it starts
+      stabilizer report runs/latest           the HTML report of a traced run
+      stabilizer replay runs/<name>/repro/step-00000000
+                                              re-run a saved anomalous step
     """
 
 
