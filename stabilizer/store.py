@@ -287,7 +287,15 @@ class TraceStore:
             raise
 
     def close(self) -> None:
-        """Close the connection (a writer's close also folds the WAL into the db file)."""
+        """Close the connection; a writer first folds the WAL into the db file.
+
+        Leaving WAL mode on a clean close makes ``trace.db`` one self-contained file
+        (copying it alone loses nothing) and later read-only opens leave no
+        ``-wal``/``-shm`` files behind. ``create(..., append=True)`` turns WAL on again.
+        """
+        if not self.readonly:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA journal_mode=DELETE")
         self._conn.close()
 
     def __enter__(self) -> TraceStore:

@@ -220,7 +220,11 @@ def replay_step(
                 )
         # 2. the same step in fp32.
         result.fp32_finite = _fp32_rerun(model, optimizer, before, micro_batches, rng_state)
-        if result.fp32_finite is not None:
+        if result.fp32_finite is None:
+            anomaly.evidence["same step in fp32"] = (
+                "not run: an fp32 copy of a model this size would not fit beside it"
+            )
+        else:
             anomaly.evidence["same step in fp32"] = (
                 "finite: a precision problem"
                 if result.fp32_finite
