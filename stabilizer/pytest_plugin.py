@@ -117,6 +117,11 @@ def _settings(config: pytest.Config) -> dict:
             re.compile(pattern)
         except re.error as exc:
             raise pytest.UsageError(f"--nan-guard-ignore '{pattern}': {exc}") from exc
+    warn_dtype = config.getoption("nan_guard_warn_dtype")
+    if warn_dtype not in (None, "float16", "bfloat16", "float32"):
+        raise pytest.UsageError(
+            f"--nan-guard-warn-dtype '{warn_dtype}': use float16, bfloat16 or float32"
+        )
     golden = config.getoption("nan_guard_golden")
     golden = (
         Path(config.invocation_params.dir, golden)
@@ -127,7 +132,7 @@ def _settings(config: pytest.Config) -> dict:
         "ops": config.getoption("nan_guard_ops"),
         "nan_only": config.getoption("nan_guard_what") == "nan",
         "ignore": re.compile("|".join(f"(?:{p})" for p in ignore)) if ignore else None,
-        "warn_dtype": config.getoption("nan_guard_warn_dtype"),
+        "warn_dtype": warn_dtype,
         "record": config.getoption("nan_guard_record"),
         "golden": golden,
         "rtol": config.getoption("nan_guard_rtol"),
@@ -210,6 +215,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=1, sort_keys=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
         os.replace(tmp, path)  # atomic: a crashed run never leaves half a file
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -269,6 +277,8 @@ class _Guard:
         self.ignored_bad = 0  # event counter when an ignored module last went non-finite
         self.events = 0
         self.grads_finite = True
+        self.params_before: set[int] = set()
+        self.grad_out_ok: dict[tuple[int, int], bool] = {}
         self.watch = None
         self.installed = False
 
@@ -432,7 +442,6 @@ class _Guard:
         def hook(grad):
             key = (id(module), call)
             if self.failure is None and self.installed:
-                self.grad_out_ok = getattr(self, "grad_out_ok", {})
                 self.grad_out_ok[key] = self.grad_out_ok.get(key, True) and not self._bad(grad)
             return None
 
@@ -442,7 +451,7 @@ class _Guard:
         def hook(grad):
             if self.failure is not None or not self.installed:
                 return None
-            out_ok = getattr(self, "grad_out_ok", {}).get((id(module), call), True)
+            out_ok = self.grad_out_ok.get((id(module), call), True)
             if out_ok and self._bad(grad):
                 self.failure = self._backward_message(module, path, call, grad)
             return None
@@ -463,7 +472,7 @@ class _Guard:
     def _opt_post(self, optimizer, args, kwargs):
         if self.failure is not None or not self.installed:
             return
-        before = getattr(self, "params_before", set())
+        before = self.params_before
         for name, p in self._opt_params(optimizer):
             if id(p) not in before and self._bad(p):
                 self.failure = self._optimizer_message(optimizer, name, p)
@@ -529,10 +538,9 @@ class _Guard:
         elif has_inf:
             cause = f"overflow: a value passed the {dtype} maximum"
         else:
-            cause = (
-                "invalid math on finite inputs (log/sqrt of a negative number, 0/0, "
-                "inf-inf); --nan-guard-ops names the op"
-            )
+            cause = "invalid math on finite inputs (log/sqrt of a negative number, 0/0, inf-inf)"
+            if self.watch is None:
+                cause += "; --nan-guard-ops names the op"
         lines.append(f"  likely cause: {cause}")
         return "\n".join(lines)
 
@@ -629,7 +637,8 @@ class _Guard:
             return None
         return "\n".join(
             [
-                f"nan-guard: {self.nodeid}: statistics drifted from the golden file {self.s['golden']}"
+                f"nan-guard: {self.nodeid}: statistics drifted from the golden file "
+                f"{self.s['golden']}"
             ]
             + lines
         )

@@ -72,7 +72,10 @@ class OpWatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         watch = self.active and self.first is None
-        inputs_ok = _all_finite(_float_tensors((args, kwargs))) if watch else False
+        inputs = _float_tensors((args, kwargs)) if watch else []
+        # Only ops that turn finite *inputs* into NaN/Inf count: factories have none,
+        # and torch.empty & co. return uninitialised memory that may hold NaN bits.
+        inputs_ok = bool(inputs) and _all_finite(inputs)
         out = func(*args, **kwargs)
         if watch and inputs_ok:
             outputs = _float_tensors(out)
