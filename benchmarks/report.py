@@ -78,7 +78,24 @@ def _trace_section(result: dict) -> list[str]:
     return lines + [""]
 
 
-SECTIONS = {"loop": _loop_section, "trace": _trace_section}
+def _plugin_section(result: dict) -> list[str]:
+    spread = result["ratio_spread"]
+    return [
+        "### pytest plugin overhead — `tiny-instructblip-t5` training steps inside a test, CPU",
+        "",
+        f"- command: `{result['command']}`; date {result['date']}",
+        f"- {result['rounds']} rounds of {result['steps']} steps, each mode its own pytest process",
+        "",
+        "| plugin | step | ratio |",
+        "|---|---:|---:|",
+        f"| off | {_fmt_s(result['off_step_s'])} | 1.000 |",
+        f"| `--nan-guard` | {_fmt_s(result['on_step_s'])} | {result['ratio']:.3f} "
+        f"[{spread[0]:.3f}, {spread[1]:.3f}] |",
+        "",
+    ]
+
+
+SECTIONS = {"loop": _loop_section, "trace": _trace_section, "plugin": _plugin_section}
 
 
 def write_report(results_dir: Path, out: Path) -> None:
@@ -91,7 +108,8 @@ def write_report(results_dir: Path, out: Path) -> None:
     lines = [HEADER]
     for kind, render in SECTIONS.items():
         chosen = [r for r in results if r.get("benchmark") == kind]
-        for result in sorted(chosen, key=lambda r: ("cuda" in r["machine"].lower(), r["preset"])):
+        key = lambda r: ("cuda" in r.get("machine", "").lower(), r.get("preset", ""))  # noqa: E731
+        for result in sorted(chosen, key=key):
             lines += render(result)
     notes = Path(results_dir) / "NOTES.md"
     if notes.exists():
