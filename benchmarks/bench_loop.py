@@ -193,16 +193,22 @@ def main(argv: list[str] | None = None) -> dict:
         "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "date": time.strftime("%Y-%m-%d"),
     }
+    save_result(result, "loop", args, device)
+    return result
+
+
+def save_result(result: dict, kind: str, args, device: torch.device) -> Path:
+    """``results/<kind>-<preset>-<precision>-<device>[-tag].json``, then BENCHMARKS.md."""
     args.out.mkdir(parents=True, exist_ok=True)
-    name = (
-        f"loop-{args.preset}-{args.precision}-{device.type}{('-' + args.tag) if args.tag else ''}"
-    )
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    tag = f"-{args.tag}" if args.tag else ""
+    path = args.out / f"{kind}-{args.preset}-{args.precision}-{device.type}{tag}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_report:
+        sys.path.insert(0, str(ROOT))
         from report import write_report
 
         write_report(args.out, ROOT.parent / "BENCHMARKS.md")
-    return result
+    return path
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-from bench_loop import machine_description, sync, time_block  # noqa: E402
+from bench_loop import machine_description, save_result, sync, time_block  # noqa: E402
 
 from stabilizer.config import TrainConfig  # noqa: E402
 from stabilizer.data import load_samples  # noqa: E402
@@ -187,15 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "python": platform.python_version(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = (
-        f"trace-{args.preset}-{args.precision}-{device.type}{('-' + args.tag) if args.tag else ''}"
-    )
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    if not args.no_report:
-        from report import write_report
-
-        write_report(args.out, ROOT.parent / "BENCHMARKS.md")
+    save_result(result, "trace", args, device)
     return result
 
 
