@@ -159,12 +159,12 @@ class TraceSession:
                 status, accepted = self._handle(anomaly, record, micro_batches)
         except NumericalAnomalyError:
             # The step that stops the run is the one a reader looks at first: keep it.
-            self.store.append_step(_step_data(record, "stopped"), replace=True)
+            self.store.append_step(_step_data(record, "stopped"))
             raise
         if anomaly is None:
             self._amp_skips_in_a_row = 0
             self._maybe_keep_good()
-        self.store.append_step(_step_data(record, status), replace=True)
+        self.store.append_step(_step_data(record, status))
         return accepted, record
 
     def _is_amp_skip(self, anomaly: Anomaly, record: StepRecord) -> bool:
