@@ -274,6 +274,7 @@ def _train_options(func):
         click.option(
             "--replay/--no-replay", default=d.replay, show_default=True, help=_h("replay")
         ),
+        click.option("--tensorboard", is_flag=True, default=False, help=_h("tensorboard")),
     ]
     for option in reversed(options):
         func = option(func)
@@ -344,6 +345,8 @@ def train(ctx: click.Context, resume: bool, **options) -> None:
       stabilizer train --model Salesforce/instructblip-flan-t5-xl --precision bf16 \\
           --dataset /data/ScienceQA --epochs 3 --lora-targets paper
       stabilizer train --run-dir runs/quick --resume --max-steps 400
+      torchrun --nproc_per_node 2 -m stabilizer train --trace --batch-size 16
+          (DDP: --batch-size is per rank; ranks agree on every anomaly action)
     """
     from stabilizer.rundir import load_run_config
     from stabilizer.train import train as run_training

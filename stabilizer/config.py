@@ -58,7 +58,9 @@ class TrainConfig:
         default=2500, metadata=_help("optimizer steps to train; overrides --epochs when both set")
     )
     epochs: float | None = field(default=None, metadata=_help("passes over the training data"))
-    batch_size: int = field(default=32, metadata=_help("samples per micro-batch"))
+    batch_size: int = field(
+        default=32, metadata=_help("samples per micro-batch (per rank under torchrun)")
+    )
     grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
     lr: float = field(default=3e-3, metadata=_help("peak learning rate of AdamW"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
@@ -140,6 +142,13 @@ class TrainConfig:
         default=True,
         metadata=_help("on the first anomaly, re-run that step op by op and in fp32"),
     )
+    tensorboard: bool = field(
+        default=False,
+        metadata=_help(
+            "with --trace: also write TensorBoard event files to <run>/tensorboard "
+            "(pip install 'stabilizer[tensorboard]')"
+        ),
+    )
     blank_and_shuffled_eval: bool = field(
         default=True,
         metadata=_help("also evaluate with blank and shuffled images, to show the image is used"),
@@ -186,13 +195,7 @@ class TrainConfig:
         _choice("--schedule", self.schedule, SCHEDULES)
         _choice("--on-bad-sample", self.on_bad_sample, BAD_SAMPLE_POLICIES)
         _choice("--device", self.device, DEVICES)
-        _choice("--on-anomaly", self.on_anomaly, ANOMALY_POLICIES)
-        _positive("--trace-every", self.trace_every)
-        _positive("--max-anomalies", self.max_anomalies)
-        if not 0 < self.rollback_lr_factor <= 1:
-            raise ConfigError(
-                f"--rollback-lr-factor must be in (0, 1], got {self.rollback_lr_factor}"
-            )
+        _check_trace_options(self)
 
     @classmethod
     def smoke(cls, run_dir: Path | str, **overrides: Any) -> TrainConfig:
@@ -250,6 +253,55 @@ class TrainConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
         return cls.from_dict(data, source=str(path))
+
+
+@dataclass
+class TraceSettings:
+    """What ``--trace`` does: the part of a run's options a trace session needs.
+
+    ``stabilizer train`` builds it from its :class:`TrainConfig`; integrations (the
+    transformers ``TrainerCallback``) build it directly.
+
+        >>> TraceSettings(on_anomaly="skip", trace_every=10)
+    """
+
+    probe: str | None = None  # regex of module names (default: the Q-Former preset)
+    trace_every: int = 1
+    compile_stats: bool = False
+    on_anomaly: str = "raise"
+    max_anomalies: int = 10
+    rollback_lr_factor: float = 0.5
+    # The op-level and fp32 replay of the first anomalous step (needs the step's batches).
+    replay: bool = True
+    adam_eps: float | None = None  # the optimizer's eps, for the fp16 "eps rounds to 0" cause
+    max_grad_norm: float | None = None  # the clip the loop applies (the clip policy lowers it)
+    tensorboard: bool = False  # also write TensorBoard event files beside the store
+
+    def __post_init__(self) -> None:
+        _check_trace_options(self)
+
+    @classmethod
+    def from_train_config(cls, cfg: TrainConfig) -> TraceSettings:
+        return cls(
+            probe=cfg.probe,
+            trace_every=cfg.trace_every,
+            compile_stats=cfg.compile_stats,
+            on_anomaly=cfg.on_anomaly,
+            max_anomalies=cfg.max_anomalies,
+            rollback_lr_factor=cfg.rollback_lr_factor,
+            replay=cfg.replay,
+            adam_eps=cfg.adam_eps,
+            max_grad_norm=cfg.max_grad_norm,
+            tensorboard=cfg.tensorboard,
+        )
+
+
+def _check_trace_options(obj: TrainConfig | TraceSettings) -> None:
+    _choice("--on-anomaly", obj.on_anomaly, ANOMALY_POLICIES)
+    _positive("--trace-every", obj.trace_every)
+    _positive("--max-anomalies", obj.max_anomalies)
+    if not 0 < obj.rollback_lr_factor <= 1:
+        raise ConfigError(f"--rollback-lr-factor must be in (0, 1], got {obj.rollback_lr_factor}")
 
 
 def field_help(cls: type, name: str) -> str:

@@ -114,6 +114,33 @@ _PARAM_INSERT = (
 )
 
 
+TRACE_FILE = "trace.db"
+# Under torchrun each rank writes its own store: rank 0 keeps the single-process name
+# (so every reader of trace.db works unchanged), rank r > 0 writes trace.rank<r>.db.
+_RANK_FILE = "trace.rank{rank}.db"
+
+
+def store_path(run_dir: Path, rank: int = 0) -> Path:
+    """Where rank ``rank`` of a run writes its store (``trace.db`` for rank 0)."""
+    return Path(run_dir) / (TRACE_FILE if rank == 0 else _RANK_FILE.format(rank=rank))
+
+
+def rank_store_paths(run_dir: Path) -> list[tuple[int, Path]]:
+    """Every store of a run as ``(rank, path)``, rank 0 first; ``[]`` if it has none.
+
+    A single-process run has one entry, ``(0, run_dir/trace.db)``.
+    """
+    run_dir = Path(run_dir)
+    found = []
+    if (run_dir / TRACE_FILE).is_file():
+        found.append((0, run_dir / TRACE_FILE))
+    for path in run_dir.glob("trace.rank*.db"):
+        digits = path.name[len("trace.rank") : -len(".db")]
+        if digits.isdigit() and int(digits) > 0:
+            found.append((int(digits), path))
+    return sorted(found)
+
+
 class StoreError(StabilizerError):
     """The trace store is missing, is not a trace store, or was used wrongly.
 

@@ -1,6 +1,6 @@
 """The training loop: LoRA on the Q-Former, readable top to bottom.
 
-    >>> from stabilizer.config import TrainConfig
+    >>> from stabilizer.config import TraceSettings, TrainConfig
     >>> from stabilizer.train import train
     >>> result = train(TrainConfig(max_steps=20, batch_size=8))
     >>> result.run_dir, result.final_eval["real"].accuracy
@@ -13,6 +13,8 @@ kept on the device in between), at evaluation and at checkpoints.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import random
 import time
@@ -28,10 +30,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from stabilizer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
-from stabilizer.config import TrainConfig
+from stabilizer.config import TraceSettings, TrainConfig
 from stabilizer.data import check_samples, load_samples
 from stabilizer.data.collate import BatchEncoder
 from stabilizer.data.sample import VQASample
+from stabilizer.detector.policy import NumericalAnomalyError
+from stabilizer.distributed import RankGroup
 from stabilizer.errors import BadSampleError, ConfigError
 from stabilizer.evaluate import EvalResult, evaluate
 from stabilizer.models.loading import LoadedModel, load_model
@@ -237,10 +241,16 @@ def train_step(
     device = micro_batches[0]["input_ids"].device
     accum = len(micro_batches)
     step_loss = torch.zeros((), device=device)
-    for batch in micro_batches:
-        with plan.autocast(device.type):
-            loss = model(**batch).loss / accum
-        (scaler.scale(loss) if scaler else loss).backward()
+    for i, batch in enumerate(micro_batches):
+        # Under DDP only the last micro-batch's backward all-reduces the gradients.
+        last = i == accum - 1
+        sync = (
+            contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        )
+        with sync:
+            with plan.autocast(device.type):
+                loss = model(**batch).loss / accum
+            (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach().float()
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -258,38 +268,73 @@ def train_step(
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = None) -> TrainResult:
-    """Run training as ``cfg`` says; returns the run folder, losses and the final evaluation."""
+    """Run training as ``cfg`` says; returns the run folder, losses and the final evaluation.
+
+    Under ``torchrun`` every rank calls this; rank 0 writes the run folder's shared files
+    (config, metrics, checkpoints, evaluation, report) and each rank its own trace store.
+    """
     console = console or Console()
     device = resolve_device(cfg.device)
+    ranks = RankGroup.start(device.type)
+    try:
+        return _train(cfg, resume=resume, console=console, device=device, ranks=ranks)
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def _train(
+    cfg: TrainConfig,
+    *,
+    resume: bool,
+    console: Console,
+    device: torch.device,
+    ranks: RankGroup | None,
+) -> TrainResult:
+    main = ranks is None or ranks.is_main
+    world = ranks.world_size if ranks is not None else 1
+    rank = ranks.rank if ranks is not None else 0
+    if ranks is not None and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+    # The other ranks stay quiet: rank 0 speaks for the run (anomalies speak for themselves).
+    log = console if main else Console(quiet=True)
     plan = plan_precision(cfg.precision, cfg.adapter_dtype)
     run_dir = choose_run_dir(cfg)
+    if ranks is not None:
+        run_dir = Path(ranks.broadcast_text(str(run_dir)))  # one timestamp for every rank
     if resume and find_latest_checkpoint(run_dir) is None:
         raise ConfigError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-    prepare_run_dir(run_dir, cfg, resume=resume)
+    _on_main(ranks, lambda: prepare_run_dir(run_dir, cfg, resume=resume), "prepare the run folder")
     seed_everything(cfg.seed)
     if cfg.reproduces_classic_failure:
-        console.print(
+        log.print(
             "[bold yellow]--adapter-dtype fp16: reproducing the classic failure on purpose: "
             "base, LoRA adapters and AdamW state in fp16, no autocast, no GradScaler.[/]"
         )
 
     # -- model ---------------------------------------------------------------
     loaded, model = build_model(cfg, plan, device)
-    console.print(parameter_table(model, title=f"Trainable parameters ({cfg.model})"))
+    log.print(parameter_table(model, title=f"Trainable parameters ({cfg.model})"))
+    # ``model`` stays the plain peft model (probes, checkpoints, evaluation); the loop's
+    # forward goes through ``forward_model``, DDP's wrapper when there are several ranks.
+    forward_model = wrap_ddp(model, device, ranks) if ranks is not None else model
 
     # -- data ----------------------------------------------------------------
     encoder = make_encoder(loaded, cfg)
     train_samples, train_bad = load_checked_samples(
-        cfg, cfg.train_split, cfg.max_train_samples, encoder, console
+        cfg, cfg.train_split, cfg.max_train_samples, encoder, log
     )
     eval_samples, eval_bad = load_checked_samples(
-        cfg, cfg.eval_split, cfg.max_eval_samples, encoder, console
+        cfg, cfg.eval_split, cfg.max_eval_samples, encoder, log
     )
-    order = DataOrder(len(train_samples), cfg.batch_size, cfg.seed)
+    # Each rank takes its slice of one global batch: N ranks see per step exactly the
+    # samples a single process would with an N times larger --batch-size.
+    order = DataOrder(len(train_samples), cfg.batch_size * world, cfg.seed)
     total_steps = total_steps_of(cfg, order)
-    console.print(
+    ranks_note = f" on each of {world} ranks" if world > 1 else ""
+    log.print(
         f"data: {len(train_samples):,} train / {len(eval_samples):,} eval samples from "
-        f"{cfg.dataset}; {total_steps:,} steps of {cfg.batch_size}x{cfg.grad_accum}; "
+        f"{cfg.dataset}; {total_steps:,} steps of {cfg.batch_size}x{cfg.grad_accum}{ranks_note}; "
         f"run folder {run_dir}"
     )
 
@@ -305,7 +350,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
             ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
         )
         start_step = int(state["step"])
-        console.print(f"resumed from {ckpt} at step {start_step}")
+        log.print(f"resumed from {ckpt} at step {start_step}")
 
     result = TrainResult(
         run_dir=run_dir,
@@ -322,19 +367,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
             optimizer=optimizer,
             scheduler=scheduler,
             trainable=trainable,
-            cfg=cfg,
+            settings=TraceSettings.from_train_config(cfg),
             run_dir=run_dir,
             console=console,
             compute_dtype=str(plan.autocast_dtype or plan.base_dtype).replace("torch.", ""),
             uses_grad_scaler=scaler is not None,
+            meta={"config": cfg.to_dict()},
             resume_from=start_step if resume else None,
+            train_config=cfg,
+            ranks=ranks,
         )
-        console.print(
+        stores = f"{session.store.path}" + (" (and one per rank)" if world > 1 else "")
+        log.print(
             f"tracing {len(session.tracer.modules)} modules and {len(session.tracer.params)} "
-            f"trainable tensors into {run_dir / 'trace.db'} (full statistics every "
-            f"{cfg.trace_every} step(s); on anomaly: {cfg.on_anomaly})"
+            f"trainable tensors into {stores} (full statistics every {cfg.trace_every} "
+            f"step(s); on anomaly: {cfg.on_anomaly})"
         )
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if main else None
     # Per-step values stay on the device until a log step copies them at once.
     pending_loss: list[torch.Tensor] = []
     pending_norm: list[torch.Tensor] = []
@@ -342,34 +391,40 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
     warned_nonfinite = False
     epoch = 0
 
-    def flush_pending(step: int) -> None:
+    def flush_pending(step: int, *, collective: bool = True) -> None:
         nonlocal warned_nonfinite
         if not pending_loss:
             return
         # One device->host copy for all steps since the last log: a deliberate sync.
-        values = torch.stack([*pending_loss, *pending_norm]).float().cpu().tolist()
+        values = torch.stack([*pending_loss, *pending_norm]).float().cpu()
         n = len(pending_loss)
+        if ranks is not None and collective:
+            # The logged loss is the mean over ranks (each rank's is of its own slice);
+            # grad norms are already global after DDP's all-reduce.
+            values[:n] = ranks.mean(values[:n]).float()
+        values = values.tolist()
         losses, norms = values[:n], values[n:]
         first = step - n + 1
         lrs = list(pending_lr)
         for offset, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
-            metrics.write(
-                {
-                    "kind": "train",
-                    "step": first + offset,
-                    "loss": loss,
-                    "grad_norm": norm,
-                    "lr": lrs[offset],
-                    "epoch": epoch,
-                }
-            )
+            if metrics is not None:
+                metrics.write(
+                    {
+                        "kind": "train",
+                        "step": first + offset,
+                        "loss": loss,
+                        "grad_norm": norm,
+                        "lr": lrs[offset],
+                        "epoch": epoch,
+                    }
+                )
         result.losses.extend(losses)
         result.grad_norms.extend(norms)
         bad = [first + i for i, v in enumerate(losses) if not math.isfinite(v)]
         result.nonfinite_steps += len(bad)
-        if bad and not warned_nonfinite:
+        if bad and not warned_nonfinite and session is None:  # --trace has said more already
             warned_nonfinite = True
-            console.print(
+            log.print(
                 f"[bold red]loss is not finite at step {bad[0]}[/]: the run goes on, but "
                 "nothing is being learned. Rerun with --trace to find the first module and "
                 "the cause."
@@ -379,19 +434,34 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
         pending_lr.clear()
 
     def checkpoint(step: int) -> None:
-        result.last_checkpoint = save_checkpoint(
-            run_dir,
-            step,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
-            extra={"epoch": epoch, "total_steps": total_steps},
-            keep_last=cfg.keep_last,
-        )
+        def save() -> None:
+            result.last_checkpoint = save_checkpoint(
+                run_dir,
+                step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                extra={"epoch": epoch, "total_steps": total_steps, "world_size": world},
+                keep_last=cfg.keep_last,
+            )
 
-    model.train()
-    interactive = console.is_terminal
+        # Replicas are identical under DDP: rank 0 writes, the others wait for it.
+        _on_main(ranks, save, f"write the checkpoint of step {step}")
+        if not main:
+            result.last_checkpoint = find_latest_checkpoint(run_dir)
+
+    def evaluate_now(modes: list[str]) -> dict[str, EvalResult]:
+        out: dict[str, EvalResult] = {}
+
+        def run() -> None:
+            out.update(run_eval(model, encoder, eval_samples, cfg, device, plan, modes))
+
+        _on_main(ranks, run, "evaluate")
+        return out
+
+    forward_model.train()
+    interactive = log.is_terminal
     progress = Progress(
         TextColumn("[bold]train"),
         BarColumn(),
@@ -399,7 +469,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=console,
+        console=log,
         disable=not interactive,
     )
     task = progress.add_task("train", total=total_steps, completed=start_step, status="")
@@ -412,14 +482,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
                 micro_batches = []
                 for micro in range(cfg.grad_accum):
                     epoch, idx = order.indices(step * cfg.grad_accum + micro)
-                    batch = encoder.train_batch([train_samples[i] for i in idx])
+                    mine = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+                    batch = encoder.train_batch([train_samples[i] for i in mine])
                     micro_batches.append(
                         {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     )
                 if session is not None:
                     session.begin_step(step)
                 step_loss, grad_norm = train_step(
-                    model,
+                    forward_model,
                     micro_batches,
                     optimizer=optimizer,
                     scaler=scaler,
@@ -452,56 +523,111 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
                     )
                     progress.update(task, completed=done, status=status)
                     if not interactive and (done % plain_every == 0 or done == total_steps):
-                        console.print(f"step {done}/{total_steps}  {status}")
+                        log.print(f"step {done}/{total_steps}  {status}")
                 if cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
-                    quick = run_eval(model, encoder, eval_samples, cfg, device, plan, ["real"])
-                    metrics.write({"kind": "eval", "step": done, **quick["real"].to_dict()})
-                    console.print(f"step {done}: eval accuracy {quick['real'].accuracy:.3f}")
+                    quick = evaluate_now(["real"])
+                    if main:
+                        metrics.write({"kind": "eval", "step": done, **quick["real"].to_dict()})
+                        log.print(f"step {done}: eval accuracy {quick['real'].accuracy:.3f}")
+                    forward_model.train()
                 if _due(cfg, done, order) and done != total_steps:
                     checkpoint(done)
             flush_pending(total_steps - 1)
         checkpoint(total_steps)  # the final checkpoint is always written
-    except BaseException:
-        # Nothing logged is lost on a crash or Ctrl-C: write what is pending first.
-        flush_pending(start_step + len(result.losses) + len(pending_loss) - 1)
-        metrics.close()
+    except BaseException as exc:
+        # Nothing logged is lost on a crash or Ctrl-C: write what is pending first. No
+        # collective here: the other ranks may not be failing with this one.
+        flush_pending(start_step + len(result.losses) + len(pending_loss) - 1, collective=False)
+        if metrics is not None:
+            metrics.close()
         if session is not None:
             session.close()
-            _write_report(run_dir, console)  # also when stopped on an anomaly or crashed
+            # A stop on an anomaly is agreed, so every rank is here: wait until all stores
+            # are closed before rank 0 reads them (torchrun ends the job at the first exit).
+            if ranks is not None and isinstance(exc, NumericalAnomalyError):
+                ranks.barrier()
+            if main:
+                _write_report(run_dir, log)  # also when stopped on an anomaly or crashed
+            if ranks is not None and isinstance(exc, NumericalAnomalyError):
+                ranks.barrier()
         raise
     if session is not None:
         result.trace = session.summary
         session.close()
     elapsed = time.perf_counter() - started
-    console.print(
+    log.print(
         f"trained {total_steps - start_step} steps in {elapsed:.1f} s; "
         f"final checkpoint {result.last_checkpoint}"
     )
 
     # -- final evaluation -----------------------------------------------------------
     modes = ["real", "blank", "shuffled"] if cfg.blank_and_shuffled_eval else ["real"]
-    result.final_eval = run_eval(model, encoder, eval_samples, cfg, device, plan, modes)
-    result.majority_baseline = majority_baseline(train_samples, eval_samples)
-    for res in result.final_eval.values():
-        metrics.write({"kind": "eval", "step": total_steps, **res.to_dict()})
-    metrics.close()
-    write_json_atomic(
-        run_dir / EVAL_FILE,
-        {
-            "step": total_steps,
-            "eval_split": cfg.eval_split,
-            "results": {m: r.to_dict() for m, r in result.final_eval.items()},
-            "majority_baseline": result.majority_baseline,
-            "nonfinite_steps": result.nonfinite_steps,
-            "skipped_bad_samples": result.skipped_bad_samples,
-            "anomalies": len(result.trace.anomalies) if result.trace else None,
-            "skipped_steps": result.trace.skipped_steps if result.trace else None,
-        },
-    )
-    console.print(accuracy_table(result.final_eval, result.majority_baseline))
+    result.final_eval = evaluate_now(modes)
+    if main:
+        result.majority_baseline = majority_baseline(train_samples, eval_samples)
+        for res in result.final_eval.values():
+            metrics.write({"kind": "eval", "step": total_steps, **res.to_dict()})
+        metrics.close()
+        write_json_atomic(
+            run_dir / EVAL_FILE,
+            {
+                "step": total_steps,
+                "eval_split": cfg.eval_split,
+                "results": {m: r.to_dict() for m, r in result.final_eval.items()},
+                "majority_baseline": result.majority_baseline,
+                "nonfinite_steps": result.nonfinite_steps,
+                "skipped_bad_samples": result.skipped_bad_samples,
+                "anomalies": len(result.trace.anomalies) if result.trace else None,
+                "skipped_steps": result.trace.skipped_steps if result.trace else None,
+                "world_size": world,
+            },
+        )
+        log.print(accuracy_table(result.final_eval, result.majority_baseline))
     if result.trace is not None:
-        _write_report(run_dir, console)
+        # Every rank's store is closed before rank 0 merges them into the report.
+        if ranks is not None:
+            ranks.barrier()
+        if main:
+            _write_report(run_dir, log)
     return result
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, ranks: RankGroup):
+    """DDP around the peft model: gradients of the trainable tensors are averaged."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    # The frozen base has no running statistics: nothing to re-sync before each forward.
+    # (torch 2.13 renamed the switch; older releases only know the first name.)
+    accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in accepted
+        else {"broadcast_buffers": False}
+    )
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
+    )
+
+
+def _on_main(ranks: RankGroup | None, work: Callable[[], None], what: str) -> None:
+    """Run ``work`` on rank 0 while the others wait; a failure there stops every rank.
+
+    Without this, an error on rank 0 (a full disk, a folder that already holds a run)
+    would leave the other ranks waiting at their next collective until it times out.
+    """
+    if ranks is None:
+        work()
+        return
+    error: BaseException | None = None
+    if ranks.is_main:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the others
+            error = exc
+    if ranks.any_true(error is not None):
+        if error is not None:
+            raise error
+        raise ConfigError(f"rank 0 failed to {what}; its error is in rank 0's output")
 
 
 def _write_report(run_dir: Path, console: Console) -> None:

@@ -116,6 +116,13 @@ CAUSES: dict[str, Cause] = {
             "Probe more modules (--probe) to find where; use GradScaler with fp16",
         ),
         Cause(
+            "other-rank",
+            "rank {origin} went non-finite first ({origin_pass} pass{origin_module}); this "
+            "rank only received it through DDP's gradient all-reduce",
+            "Read rank {origin}'s diagnosis ({origin_store} in the run folder, or the report): "
+            "its batch or its replica is where the value was born",
+        ),
+        Cause(
             "divergence",
             "training is diverging: {what}",
             "Lower --lr, add warm-up, or clip the gradient norm (--max-grad-norm)",

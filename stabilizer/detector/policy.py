@@ -17,8 +17,6 @@ run can never skip every batch in silence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from stabilizer.detector.diagnosis import Anomaly
@@ -89,14 +87,6 @@ class StateSnapshot:
             if other._state is not None
             else None
         )
-
-
-@dataclass
-class PolicySettings:
-    on_anomaly: str = "raise"
-    max_anomalies: int = 10
-    rollback_lr_factor: float = 0.5
-    rollback_every: int = 20
 
 
 class ClampOutput:

@@ -9,9 +9,10 @@ lets any other dataset's text be encoded piece by piece instead of as [UNK].
 from __future__ import annotations
 
 import string
+from collections import Counter
 from functools import lru_cache
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 IMAGE_TOKEN = "<image>"
@@ -34,17 +35,33 @@ def _corpus() -> tuple[str, ...]:
 
 @lru_cache(maxsize=4)
 def _trained_tokenizer_json(vocab_size: int) -> str:
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    """The tokenizer as JSON, identical in every process.
+
+    The vocabulary is built here rather than by ``WordPieceTrainer``: the trainer breaks
+    ties between equally frequent pieces in hash order, so each process got a different
+    vocabulary, and a run's token ids changed between training and a later evaluation
+    (or between the ranks of a torchrun job).
+    """
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in _corpus():
+        words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        counts.update(word for word, _ in words)
+    alphabet = string.ascii_lowercase + string.digits + string.punctuation
+    pieces = [*alphabet, *("##" + c for c in alphabet)]
+    room = vocab_size - len(SPECIAL_TOKENS) - len(pieces)
+    if room < 0:
+        raise ValueError(f"vocab_size {vocab_size} is too small for the alphabet")
+    # Most frequent words first, ties by spelling: a fixed order, whatever the hash seed.
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    words = [w for w in words if w not in pieces][:room]
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *pieces, *words])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
     return tok.to_str()
 
 

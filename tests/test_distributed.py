@@ -1,0 +1,167 @@
+"""``stabilizer train`` under torchrun: 2 CPU ranks over gloo, real processes.
+
+Each test starts ``python -m torch.distributed.run --standalone --nproc_per_node 2``
+on tests/ddp_worker.py, which is the real command line plus an optional NaN planted
+on one rank (see that file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from test_train import quiet
+
+from stabilizer.config import TrainConfig
+from stabilizer.distributed import RankVerdict, StepAgreement
+from stabilizer.store import TraceStore, rank_store_paths
+from stabilizer.train import train
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+FAULT_MODULE = "base_model.model.qformer.encoder.layer.1.intermediate_query.dense"
+TINY_RUN = [
+    "--max-steps", "6", "--max-train-samples", "64", "--max-eval-samples", "8",
+    "--eval-batch-size", "8", "--save-every", "3", "--log-every", "2",
+    "--warmup-steps", "2", "--lr", "1e-3", "--real-images-only",
+    "--lora-targets", "attention", "--rank", "4", "--device", "cpu", "--trace",
+]  # fmt: skip
+
+
+def torchrun(run_dir: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(WORKER.parent.parent), env.get("PYTHONPATH", "")])
+    if fault:
+        env["STABILIZER_TEST_FAULT"] = fault
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(WORKER), "train", "--run-dir", str(run_dir), *TINY_RUN, *args,
+    ]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def final_weights(run_dir: Path, step: int = 6) -> dict:
+    return load_file(run_dir / "checkpoints" / f"step-{step:08d}" / "trainable.safetensors")
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def test_two_ranks_train_the_same_adapters_as_one_process_with_the_global_batch(tmp_path):
+    ddp_dir = tmp_path / "ddp"
+    proc = torchrun(ddp_dir, "--batch-size", "4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "on each of 2 ranks" in proc.stdout
+
+    single = TrainConfig.smoke(
+        tmp_path / "single",
+        max_steps=6,
+        batch_size=8,
+        save_every=3,
+        device="cpu",
+        trace=True,
+        max_train_samples=64,
+    )
+    train(single, console=quiet())
+
+    ddp, one = final_weights(ddp_dir), final_weights(tmp_path / "single")
+    assert ddp.keys() == one.keys()
+    for name in one:
+        assert (ddp[name] - one[name]).abs().max().item() < 1e-6, name
+    # The logged loss is the mean over ranks: the loss of the whole global batch.
+    assert train_losses(ddp_dir) == pytest.approx(train_losses(tmp_path / "single"), rel=1e-5)
+    # Checkpoints are written once (rank 0), each rank has its own store.
+    assert sorted(p.name for p in (ddp_dir / "checkpoints").iterdir()) == [
+        "step-00000003",
+        "step-00000006",
+    ]
+    stores = rank_store_paths(ddp_dir)
+    assert [rank for rank, _ in stores] == [0, 1]
+    for rank, path in stores:
+        with TraceStore.open(path) as store:
+            assert store.meta()["rank"] == rank
+            assert store.meta()["world_size"] == 2
+            assert list(store.steps()["status"]) == ["ok"] * 6
+    assert (ddp_dir / "report.html").is_file()
+
+
+def test_nan_on_one_rank_is_skipped_by_both_ranks_and_blamed_on_that_rank(tmp_path):
+    run_dir = tmp_path / "ddp"
+    proc = torchrun(
+        run_dir,
+        "--batch-size", "4", "--on-anomaly", "skip", "--no-replay",
+        fault=f"1:3:{FAULT_MODULE}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Rank 1 prints its own diagnosis; rank 0 says where the NaN came from.
+    assert "anomaly 1 on rank 1" in proc.stdout
+    assert "rank 1 went non-finite first (forward pass" in proc.stdout
+
+    rows = {}
+    for rank, path in rank_store_paths(run_dir):
+        with TraceStore.open(path) as store:
+            status = list(store.steps()["status"])
+            assert status == ["ok", "ok", "ok", "skipped", "ok", "ok"], (rank, status)
+            assert [(a["step"], a["action"]) for a in store.actions()] == [(3, "skip")]
+            (rows[rank],) = store.anomalies()
+    origin, other = rows[1], rows[0]
+    assert (origin["step"], origin["pass"], origin["cause"]) == (3, "forward", "forward-math")
+    assert origin["evidence"]["module_path"] == FAULT_MODULE
+    assert origin["evidence"]["first non-finite on rank(s)"] == [1]
+    assert origin["evidence"]["ranks with non-finite values"] == [0, 1]
+    assert (other["step"], other["cause"]) == (3, "other-rank")
+    assert "rank 1 went non-finite first" in other["summary"]
+    assert "trace.rank1.db" in other["fix"]
+    assert other["evidence"]["rank"] == 0
+    # The skipped update was undone on every replica: the adapters stayed finite.
+    weights = final_weights(run_dir)
+    assert all(math.isfinite(t.abs().max().item()) for t in weights.values())
+
+
+def test_raise_stops_every_rank_in_the_same_step(tmp_path):
+    run_dir = tmp_path / "ddp"
+    proc = torchrun(run_dir, "--batch-size", "4", "--no-replay", fault=f"1:2:{FAULT_MODULE}")
+    assert proc.returncode != 0
+    # torchrun ends the job when the first rank exits, so only one closing line is sure
+    # to be printed; the stores say what every rank did.
+    assert "stopped: NaN/Inf at step 2 (" in proc.stderr
+    causes = {}
+    for rank, path in rank_store_paths(run_dir):
+        with TraceStore.open(path) as store:
+            assert list(store.steps()["status"]) == ["ok", "ok", "stopped"]
+            assert [(a["step"], a["action"]) for a in store.actions()] == [(2, "raise")]
+            causes[rank] = [a["cause"] for a in store.anomalies()]
+    assert causes == {0: ["other-rank"], 1: ["forward-math"]}
+    assert (run_dir / "report.html").is_file()  # written when stopped, too
+
+
+def test_an_error_on_rank_0_stops_the_other_ranks_instead_of_hanging(tmp_path):
+    run_dir = tmp_path / "ddp"
+    (run_dir).mkdir()
+    (run_dir / "config.json").write_text("{}")  # the folder already holds a run
+    proc = torchrun(run_dir, "--batch-size", "4")
+    assert proc.returncode != 0
+    assert "already holds a run" in proc.stderr
+    assert "rank 0 failed to prepare the run folder" in proc.stderr
+
+
+def test_the_origin_is_the_rank_whose_pass_failed_first():
+    agreement = StepAgreement(
+        (
+            RankVerdict(0, True, pass_index=3),  # backward: received through all-reduce
+            RankVerdict(1, True, pass_index=1),  # forward: born here
+            RankVerdict(2, False),
+            RankVerdict(3, True, pass_index=1),
+        )
+    )
+    assert agreement.anomalous
+    assert agreement.anomalous_ranks == [0, 1, 3]
+    assert agreement.origin_ranks == [1, 3]
+    assert StepAgreement((RankVerdict(0, False), RankVerdict(1, False))).origin_ranks == []
