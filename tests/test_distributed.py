@@ -124,6 +124,20 @@ def test_nan_on_one_rank_is_skipped_by_both_ranks_and_blamed_on_that_rank(tmp_pa
     weights = final_weights(run_dir)
     assert all(math.isfinite(t.abs().max().item()) for t in weights.values())
 
+    # The report merges the ranks: a rank table, every rank's card (the origin first),
+    # a per-rank plot and the ranks on which each module went non-finite.
+    page = (run_dir / "report.html").read_text()
+    ranks = page[page.index('<section id="ranks">') : page.index('<section id="diagnosis">')]
+    assert "<td>1</td><td><code>trace.rank1.db</code></td>" in ranks
+    assert "born here" in ranks and "received" in ranks
+    born, received = (
+        page.index("rank 1: NaN/Inf at step 3"),
+        page.index("rank 0: NaN/Inf at step 3"),
+    )
+    assert born < received
+    assert (run_dir / "report" / "ranks.png").is_file()
+    assert "non-finite on ranks" in page
+
 
 def test_raise_stops_every_rank_in_the_same_step(tmp_path):
     run_dir = tmp_path / "ddp"

@@ -28,7 +28,14 @@ class Figure:
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write ``run_dir/report.html`` and its PNGs from ``run_dir/trace.db``; return the page."""
+    """Write ``run_dir/report.html`` and its PNGs from the run's trace store(s); return the page.
+
+    A torchrun run has one store per rank (``trace.db`` for rank 0, ``trace.rank<r>.db``):
+    the page shows rank 0's plots and tables with every rank's anomalies, a ranks table
+    and a ranks-side-by-side plot.
+    """
+    from contextlib import ExitStack
+
     from stabilizer.errors import ConfigError
 
     run_dir = Path(run_dir)
@@ -40,13 +47,18 @@ def write_report(run_dir: Path) -> Path:
         )
     from stabilizer.reports.html import render_html
     from stabilizer.reports.plots import make_figures
-    from stabilizer.store import TraceStore
+    from stabilizer.reports.ranks import open_rank_stores, rank_figure
 
     out_dir = run_dir / FIGURES_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    with TraceStore.open(run_dir / "trace.db") as store:
+    with ExitStack() as stack:
+        ranks = open_rank_stores(run_dir, stack)
+        store = ranks[0][1]
         figures = make_figures(store, out_dir)
-        page = render_html(store, run_dir, figures)
+        by_rank = rank_figure(ranks, out_dir)
+        if by_rank is not None:
+            figures.insert(1, by_rank)  # right after the training curves
+        page = render_html(store, run_dir, figures, ranks=ranks)
     target = run_dir / REPORT_FILE
     tmp = target.with_name(f".{REPORT_FILE}.tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -41,13 +41,25 @@ STOP_ACTIONS = ("raise", "stop")
 EVAL_MODES = ("real", "blank", "shuffled")
 
 
-def render_html(store: TraceStore, run_dir: Path, figures: list[Figure]) -> str:
-    """The whole report page for the run in ``run_dir`` whose trace is ``store``."""
+def render_html(
+    store: TraceStore,
+    run_dir: Path,
+    figures: list[Figure],
+    ranks: list[tuple[int, TraceStore]] | None = None,
+) -> str:
+    """The whole report page for the run in ``run_dir`` whose trace is ``store``.
+
+    ``ranks`` (every rank's store, rank 0 first) adds a ranks section, every rank's
+    anomaly cards and a "non-finite on ranks" column; ``store`` is rank 0's.
+    """
     run_dir = Path(run_dir)
     data = _collect(store, run_dir)
+    if ranks is not None and len(ranks) > 1:
+        _merge_ranks(data, ranks)
     body = "\n".join(
         [
             _summary(data),
+            _ranks_section(data),
             _diagnosis(data),
             _figures(figures),
             _module_table(data),
@@ -100,6 +112,57 @@ def _collect(store: TraceStore, run_dir: Path) -> dict[str, Any]:
         "actions": actions,
         "stats": _module_stats(store),
     }
+
+
+def _merge_ranks(data: dict[str, Any], ranks: list[tuple[int, TraceStore]]) -> None:
+    from stabilizer.reports.ranks import nonfinite_ranks_by_module, rank_overview
+
+    data["ranks"] = rank_overview(ranks)
+    data["module_ranks"] = nonfinite_ranks_by_module(ranks, len(data["modules"]))
+    merged = []
+    for rank, store in ranks:
+        for anomaly in store.anomalies() if rank else data["anomalies"]:
+            merged.append({**anomaly, "rank": rank})
+    # Actions are the same on every rank (the verdict is agreed): rank 0's say it.
+    # Per step, the rank where the value was born first, then the ranks it reached.
+    data["anomalies"] = sorted(
+        merged,
+        key=lambda a: (a.get("step") or 0, a.get("cause") == "other-rank", a["rank"]),
+    )
+
+
+def _ranks_section(d: dict[str, Any]) -> str:
+    ranks = d.get("ranks")
+    if not ranks:
+        return ""
+    rows = []
+    for rank, r in sorted(ranks.items()):
+        first = r["first"]
+        if first is None:
+            first_cell = DASH
+        else:
+            where = f", {r['first_module']}" if r["first_module"] else ""
+            first_cell = e(
+                f"step {_text(first.get('step'))}, {_text(first.get('pass'))} pass{where}: "
+                f"{_text(first.get('cause'))}"
+            )
+        origin = "born here" if r["origin"] else ("received" if first is not None else DASH)
+        bad = ' class="bad"' if r["origin"] else ""
+        rows.append(
+            f"<tr{bad}><td>{rank}</td><td><code>{e(r['store'])}</code></td>"
+            f"<td>{r['steps']}</td><td>{r['nonfinite_loss']}</td><td>{r['not_ok']}</td>"
+            f"<td>{r['anomalies']}</td><td>{first_cell}</td><td>{e(origin)}</td></tr>"
+        )
+    return (
+        '<section id="ranks">\n<h2>Ranks</h2>\n'
+        f"<p>{len(ranks)} ranks (torchrun), one trace store each. Every rank takes the same "
+        "action in the same step; the rank where a NaN/Inf was born keeps its own diagnosis, "
+        "the others record that it reached them through the gradient all-reduce.</p>\n"
+        '<table class="grid" id="rank-table"><thead><tr><th>rank</th><th>store</th>'
+        "<th>steps</th><th>non-finite losses</th><th>steps not ok</th><th>anomalies</th>"
+        "<th>first anomaly</th><th>NaN/Inf</th></tr></thead>\n"
+        f"<tbody>\n{chr(10).join(rows)}\n</tbody></table>\n</section>"
+    )
 
 
 def _module_stats(store: TraceStore) -> dict[str, Any]:
@@ -269,6 +332,8 @@ def _card(a: dict, labels: dict[int, str], run_dir: Path) -> str:
     where = f" in {label}" if label else ""
     op = f" (op {a['op']})" if a.get("op") else ""
     headline = f"{kind} at step {_text(a.get('step'))}, {_text(a.get('pass'))} pass{where}{op}"
+    if "rank" in a:
+        headline = f"rank {_text(a['rank'])}: {headline}"
     rows = [
         ("pass", e(_text(a.get("pass")))),
         ("step", e(_text(a.get("step")))),
@@ -361,11 +426,13 @@ _COLUMNS = (
     ("non-finite steps", "num", "full-statistics steps with NaN/Inf in any site"),
     ("flagged", "text", "first offender of an anomaly (or subject of a warning)"),
 )
+_RANK_COLUMN = (("non-finite on ranks", "text", "ranks where any of its tensors was NaN/Inf"),)
 
 
 def _module_table(d: dict[str, Any]) -> str:
     modules, stats = d["modules"], d["stats"]
-    flags = _flags(d["anomalies"])
+    module_ranks = d.get("module_ranks")
+    flags = _flags([a for a in d["anomalies"] if not a.get("rank")])
     rows = []
     for i in _order(modules):
         m = modules[i]
@@ -385,12 +452,14 @@ def _module_table(d: dict[str, Any]) -> str:
             _num_cell(nf),
             _text_cell(flag),
         ]
+        if module_ranks is not None:
+            cells.append(_text_cell(", ".join(str(r) for r in module_ranks[i])))
         attrs = ' class="bad" data-bad="1"' if bad else ""
         rows.append(f"<tr{attrs}>{''.join(cells)}</tr>")
     heads = "".join(
         f'<th data-type="{kind}" title="{e(tip)}" aria-sort="none">'
         f'<button type="button">{e(name)}</button></th>'
-        for name, kind, tip in _COLUMNS
+        for name, kind, tip in _COLUMNS + (_RANK_COLUMN if module_ranks is not None else ())
     )
     last = stats["last_step"]
     note = (

@@ -496,13 +496,13 @@ def lora_params(view: TraceView) -> list[ParamInfo]:
 # ---------------------------------------------------------------------- drawing helpers
 
 
-def _new_figure(width: float, height: float) -> MplFigure:
+def new_figure(width: float, height: float) -> MplFigure:
     fig = MplFigure(figsize=(width, height), dpi=DPI, layout="constrained")
     fig.get_layout_engine().set(h_pad=0.06, w_pad=0.06)
     return fig
 
 
-def _save(fig: MplFigure, out_dir: Path, name: str, title: str, caption: str) -> Figure:
+def save_figure(fig: MplFigure, out_dir: Path, name: str, title: str, caption: str) -> Figure:
     path = Path(out_dir) / f"{name}.png"
     tmp = path.with_name(f".{name}.tmp.png")
     fig.savefig(tmp, dpi=DPI, facecolor="white")
@@ -542,7 +542,7 @@ def draw_heatmap(hd: HeatmapData, out_dir: Path, name: str, caption: str) -> Fig
     n_rows, n_cols = hd.values.shape
     every_row = n_rows <= LABEL_EVERY_ROW
     axes_h = max(2.6, n_rows * 0.15) if every_row else float(np.clip(n_rows * 0.019, 3.6, 8.2))
-    fig = _new_figure(12.0, axes_h + 2.3)
+    fig = new_figure(12.0, axes_h + 2.3)
     ax = fig.add_subplot()
 
     logv = _log10(hd.values)
@@ -660,7 +660,7 @@ def draw_heatmap(hd: HeatmapData, out_dir: Path, name: str, caption: str) -> Fig
         )
     shape = f"{_plural(n_rows, 'row')} × {_plural(len(hd.col_first), 'column')}"
     fig.suptitle(f"{hd.title}  ({shape})", fontsize=12)
-    return _save(fig, out_dir, name, hd.title, caption)
+    return save_figure(fig, out_dir, name, hd.title, caption)
 
 
 def _step_locator() -> MaxNLocator:
@@ -764,7 +764,7 @@ def training_curves(view: TraceView, out_dir: Path) -> Figure | None:
     steps = cols["step"]
     if len(steps) == 0:
         return None
-    fig = _new_figure(11.0, 8.0)
+    fig = new_figure(11.0, 8.0)
     axes = fig.subplots(3, 1, sharex=True)
     style = _line_style(len(steps))
     panels = [
@@ -850,7 +850,7 @@ def training_curves(view: TraceView, out_dir: Path) -> Figure | None:
             f" Non-finite: {bad_counts['loss']} loss and {bad_counts['grad_norm']} "
             "grad-norm values."
         )
-    return _save(fig, out_dir, "training-curves", "Training curves", caption)
+    return save_figure(fig, out_dir, "training-curves", "Training curves", caption)
 
 
 def _spans_decades(y: np.ndarray) -> bool:
@@ -875,7 +875,7 @@ def layer_norms(view: TraceView, out_dir: Path) -> Figure | None:
         return None
     colours = _layer_colours(layers)
     n_panels = int(bool(layers)) + int(bool(attn))
-    fig = _new_figure(11.0, 3.9 * n_panels + 1.0)
+    fig = new_figure(11.0, 3.9 * n_panels + 1.0)
     axes = list(np.atleast_1d(fig.subplots(n_panels, 1, sharex=True)))
     style = _line_style(len(steps))
     peak = float("nan")
@@ -996,7 +996,7 @@ def layer_norms(view: TraceView, out_dir: Path) -> Figure | None:
             "a fast-growing score saturates the softmax and overflows first. "
         )
     caption += " ".join(caption_bits)
-    return _save(fig, out_dir, "layer-norms", "Activation growth per layer", caption.strip())
+    return save_figure(fig, out_dir, "layer-norms", "Activation growth per layer", caption.strip())
 
 
 def lora_update_ratio(view: TraceView, out_dir: Path) -> Figure | None:
@@ -1028,7 +1028,7 @@ def lora_update_ratio(view: TraceView, out_dir: Path) -> Figure | None:
         (np.isfinite(ratio[:, ids]) & (ratio[:, ids] > 0)).any() or (weight_bad[:, ids] > 0).any()
     ):
         return None
-    fig = _new_figure(11.0, 5.2)
+    fig = new_figure(11.0, 5.2)
     ax = fig.add_subplot()
     parents = [_param_module(view, p) for p in adapters]
     layers = sorted({m.layer for m in parents if m is not None and m.layer is not None})
@@ -1077,7 +1077,7 @@ def lora_update_ratio(view: TraceView, out_dir: Path) -> Figure | None:
         f"One line per LoRA tensor (colour: layer; solid A, dashed B), log scale; crosses at "
         f"the top mark steps after which the weights held NaN/Inf. {guide}"
     )
-    return _save(fig, out_dir, "lora-update-ratio", title, caption)
+    return save_figure(fig, out_dir, "lora-update-ratio", title, caption)
 
 
 _HEATMAPS = (
