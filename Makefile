@@ -50,6 +50,7 @@ bench: $(STAMP)
 		--steps 10 --rounds 4 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_trace.py --preset medium-instructblip-t5 --batch-size 4 \
 		--steps 2 --rounds 3 $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_ddp.py --preset tiny-instructblip-t5 --batch-size 16 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_plugin.py
 
 # Open real report pages in headless Chromium (installs Debian's chromium as root if

@@ -95,7 +95,35 @@ def _plugin_section(result: dict) -> list[str]:
     ]
 
 
-SECTIONS = {"loop": _loop_section, "trace": _trace_section, "plugin": _plugin_section}
+def _ddp_section(result: dict) -> list[str]:
+    spread = result["ratio_spread"]
+    return [
+        f"### Tracing under DDP — `{result['preset']}`, {result['world']} ranks, batch "
+        f"{result['batch_size']} per rank, {result['precision']}",
+        "",
+        f"- machine: {result['machine']}; date {result['date']}",
+        f"- command: `{result['command']}`",
+        f"- {result['modules']} probed modules per rank; {result['rounds']} rounds of "
+        f"{result['steps_per_block']} steps per mode",
+        "",
+        "| mode | step | ratio |",
+        "|---|---:|---:|",
+        f"| DDP, untraced | {_fmt_s(result['untraced_step_s'])} | 1.000 |",
+        f"| DDP, `--trace` (full statistics + verdict) | {_fmt_s(result['traced_step_s'])} | "
+        f"{result['ratio']:.3f} [{spread[0]:.3f}, {spread[1]:.3f}] |",
+        "",
+        f"The per-step verdict collective alone: {result['agree_s'] * 1e6:.0f} us "
+        f"({result['agree_share_of_step'] * 100:.2f}% of an untraced step).",
+        "",
+    ]
+
+
+SECTIONS = {
+    "loop": _loop_section,
+    "trace": _trace_section,
+    "ddp": _ddp_section,
+    "plugin": _plugin_section,
+}
 
 
 def write_report(results_dir: Path, out: Path) -> None:

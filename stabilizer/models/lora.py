@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -67,12 +67,20 @@ class LoraSettings:
         train_projection: also train ``language_projection`` (Q-Former -> LM).
     """
 
-    targets: str = "all"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    train_query_tokens: bool = True
-    train_projection: bool = True
+    targets: str = field(default="all", metadata={"help": "Q-Former layers LoRA adapts"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    alpha: float = field(
+        default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank"}
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "dropout on the LoRA input (0 keeps steps deterministic)"}
+    )
+    train_query_tokens: bool = field(
+        default=True, metadata={"help": "also train the learned query embeddings"}
+    )
+    train_projection: bool = field(
+        default=True, metadata={"help": "also train language_projection (Q-Former -> LM)"}
+    )
 
     def __post_init__(self) -> None:
         if self.rank < 1:
