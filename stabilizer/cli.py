@@ -532,20 +532,45 @@ def predict(run_dir, image_path, question, choices, checkpoint, device) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-def report(run_dir: Path) -> None:
-    """Write RUN_DIR/report.html and its PNG plots from the run's trace store.
+@click.option(
+    "--tensorboard",
+    "tensorboard",
+    is_flag=True,
+    help="also export TensorBoard event files (one folder per rank) to RUN_DIR/tensorboard "
+    "(pip install 'stabilizer[tensorboard]')",
+)
+@click.option(
+    "--tensorboard-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="export the event files here instead (implies --tensorboard)",
+)
+def report(run_dir: Path, tensorboard: bool, tensorboard_dir: Path | None) -> None:
+    """Write RUN_DIR/report.html and its PNG plots from the run's trace store(s).
 
     Runs automatically at the end of `train --trace`, and when training stops on
     an anomaly or crashes; run it by hand on a run that was killed, or while one
-    is still training (the store can be read while it is written).
+    is still training (the store can be read while it is written). A torchrun run's
+    stores (trace.db, trace.rank1.db, ...) are merged into one page.
+
+    \b
+    Examples:
+      stabilizer report runs/latest
+      stabilizer report runs/ddp --tensorboard && tensorboard --logdir runs/ddp/tensorboard
     """
     from stabilizer.reports import write_report
 
     try:
         page = write_report(run_dir)
+        click.echo(f"wrote {page}")
+        if tensorboard or tensorboard_dir is not None:
+            from stabilizer.reports.tensorboard import export_tensorboard
+
+            option = "--tensorboard-dir" if tensorboard_dir is not None else "--tensorboard"
+            log_dir = export_tensorboard(run_dir, tensorboard_dir, option=option)
+            click.echo(f"wrote TensorBoard event files to {log_dir}")
     except StabilizerError as err:
         _fail(err)
-    click.echo(f"wrote {page}")
 
 
 @main.command()

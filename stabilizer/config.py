@@ -196,6 +196,11 @@ class TrainConfig:
         _choice("--on-bad-sample", self.on_bad_sample, BAD_SAMPLE_POLICIES)
         _choice("--device", self.device, DEVICES)
         _check_trace_options(self)
+        if self.tensorboard and not self.trace:
+            raise ConfigError(
+                "--tensorboard exports the trace's statistics: add --trace (or export a "
+                "traced run later with stabilizer report RUN_DIR --tensorboard)"
+            )
 
     @classmethod
     def smoke(cls, run_dir: Path | str, **overrides: Any) -> TrainConfig:

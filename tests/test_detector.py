@@ -202,6 +202,18 @@ def test_huge_sgd_step_is_update_too_large_on_a_full_step():
     assert a.evidence["largest single-tensor ratio"] >= ratio
     assert "GradScaler" in a.fix and "lower --lr" in a.fix
 
+
+def test_huge_update_of_fp16_adapters_blames_the_fp16_optimizer_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e3)
+    out = traced_step(model, torch.randn(3, 4).half(), optimizer=opt)
+    a = out.anomaly
+    assert out.record.params_finite  # nothing is non-finite yet: it is said so
+    assert (a.step, a.pass_, a.cause) == (0, "optimizer", "fp16-adam-underflow")
+    assert a.card().startswith("unstable update at step 0, optimizer pass")
+    assert "g*g below 6e-8 flushes to 0" in a.summary
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -618,3 +630,33 @@ def test_compiled_statistics_equal_the_eager_ones():
     ]
     for x in cases:
         torch.testing.assert_close(fused(x), tensor_stats(x), equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def _growth_warnings(weight_at, steps: int = 9) -> list[str]:
+    """A one-layer model whose weights are ``weight_at(step)``; the divergence warnings."""
+    layer = nn.Linear(4, 4, bias=False)
+    model = nn.Sequential(layer)
+    found = []
+    with stabilizer.trace(model) as tracer:
+        detector = Detector(tracer, DetectorContext())
+        for step in range(steps):
+            with torch.no_grad():
+                layer.weight.fill_(weight_at(step))
+            tracer.begin_step(step, full=True)
+            loss = model(torch.ones(2, 4)).sum()
+            loss.backward()
+            record = tracer.end_step(loss=loss)
+            assert detector.check(record) is None
+            found += [w.summary for w in detector.warnings(record) if w.cause == "divergence"]
+    return found
+
+
+def test_steady_activation_growth_is_an_early_warning_naming_the_module():
+    (summary, *_) = _growth_warnings(lambda step: 0.1 * 1.5**step)
+    assert "abs-max grew every step for 8 traced steps (0.4 -> 6.83)" in summary
+
+
+def test_growth_from_zero_or_far_below_any_limit_is_not_divergence():
+    # lora_B starts at exactly 0; a small adapter output growing is training.
+    assert _growth_warnings(lambda step: 0.0 if step == 0 else 0.1 * 1.5**step, steps=8) == []
+    assert _growth_warnings(lambda step: 1e-6 * 1.5**step) == []

@@ -44,6 +44,7 @@ class DetectorContext:
     warn_fraction: float = 0.5  # early warning when abs-max passes this fraction of the limit
     growth_window: int = 8  # full-stat steps over which steady growth is judged
     growth_factor: float = 8.0
+    growth_floor: float = 1.0  # steady growth below this abs-max is not called divergence
 
 
 class Detector:
@@ -214,7 +215,16 @@ class Detector:
             overall = record.extra.get("update_ratio_all", math.nan)
             if math.isfinite(overall) and overall > 1.0:
                 ratios = record.param_stats[:, _PSTAT["update_ratio"]]
-                anomaly = make_anomaly(record.step, "optimizer", "update-too-large", ratio=overall)
+                if any(p.dtype == "float16" for p in self.params):
+                    # fp16 AdamW state: g*g below 6e-8 flushes to 0, so Adam divides the
+                    # momentum by eps alone (fused kernels avoid the 0/0 but not this).
+                    anomaly = make_anomaly(
+                        record.step, "optimizer", "fp16-adam-underflow", ratio=overall
+                    )
+                else:
+                    anomaly = make_anomaly(
+                        record.step, "optimizer", "update-too-large", ratio=overall
+                    )
                 if np.isfinite(ratios).any():
                     worst = int(np.nanargmax(ratios))
                     anomaly.module = self.params[worst].label
@@ -293,7 +303,10 @@ class Detector:
             series = np.stack([r.stats["fwd_out"][:, _STAT["absmax"]] for r in full[-window:]])
             rising = np.all(np.diff(series, axis=0) > 0, axis=0)
             grown = series[-1] > self.context.growth_factor * np.maximum(series[0], 1e-30)
-            for i in np.flatnonzero(rising & grown):
+            # A LoRA B output starts at exactly 0 and grows while the adapter learns: growth
+            # from nothing, or to values far from any limit, is training, not divergence.
+            meaningful = (series[0] > 0) & (series[-1] >= self.context.growth_floor)
+            for i in np.flatnonzero(rising & grown & meaningful):
                 warning = self._divergence_warning(
                     record,
                     f"{self.modules[i].label} abs-max grew every step for {window} traced steps "

@@ -51,6 +51,16 @@ CAUSES: dict[str, Cause] = {
             "never optimizer.step() on scaled gradients; otherwise lower --lr",
         ),
         Cause(
+            "fp16-adam-underflow",
+            "the optimizer update was {ratio:.3g} times the weights (a healthy step is < 0.01) "
+            "with fp16 trainable tensors: AdamW's squared-gradient average is fp16 too, where "
+            "g*g below 6e-8 flushes to 0, so the update divides the momentum by eps alone and "
+            "the adapters jump; NaN/Inf follows within a few steps",
+            "Keep the adapters and their optimizer state in fp32 (--adapter-dtype fp32, the "
+            "default; with Trainer do not call model.half() after get_peft_model), or train "
+            "in bf16",
+        ),
+        Cause(
             "weights-already-nonfinite",
             "the module's weights were already non-finite (since the optimizer step of step "
             "{since}); the forward pass only shows it",
@@ -155,7 +165,7 @@ class Anomaly:
     def headline(self) -> str:
         where = f" in {self.module}" if self.module else ""
         op = f" (op {self.op})" if self.op else ""
-        kind = "warning" if self.warning else "NaN/Inf"
+        kind = "warning" if self.warning else anomaly_kind(self.cause)
         return f"{kind} at step {self.step}, {self.pass_} pass{where}{op}"
 
     def card(self) -> str:
@@ -182,6 +192,15 @@ class Anomaly:
             "evidence": self.evidence,
             "warning": self.warning,
         }
+
+
+# Anomalies raised before anything is non-finite (the update is already unsafe).
+FINITE_CAUSES = ("update-too-large", "fp16-adam-underflow")
+
+
+def anomaly_kind(cause: str | None) -> str:
+    """How a headline names a (non-warning) anomaly of this cause."""
+    return "unstable update" if cause in FINITE_CAUSES else "NaN/Inf"
 
 
 def make_anomaly(step: int, pass_: str, cause: str, **values: Any) -> Anomaly:

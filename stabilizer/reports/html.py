@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from stabilizer.detector.diagnosis import anomaly_kind
 from stabilizer.probes.schema import SITES
 from stabilizer.reports import Figure
 from stabilizer.store import TraceStore
@@ -96,6 +97,8 @@ def _collect(store: TraceStore, run_dir: Path) -> dict[str, Any]:
         status = "completed"
     elif any(a["action"] in STOP_ACTIONS for a in actions):
         status = "stopped on an anomaly"
+    elif meta.get("completed"):  # runs outside our loop (a Trainer) have no eval.json
+        status = "completed"
     else:
         status = "partial (killed or still running)"
     name = run_dir.name or run_dir.resolve().name
@@ -328,7 +331,7 @@ def _card(a: dict, labels: dict[int, str], run_dir: Path) -> str:
     warning = _is_warning(a)
     label = _module_label(a, labels)
     path = ev.get("module_path")
-    kind = "warning" if warning else "NaN/Inf"
+    kind = "warning" if warning else anomaly_kind(a.get("cause"))
     where = f" in {label}" if label else ""
     op = f" (op {a['op']})" if a.get("op") else ""
     headline = f"{kind} at step {_text(a.get('step'))}, {_text(a.get('pass'))} pass{where}{op}"

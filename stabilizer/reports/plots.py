@@ -770,7 +770,13 @@ def training_curves(view: TraceView, out_dir: Path) -> Figure | None:
     panels = [
         ("loss", "loss", "training loss", "tab:blue"),
         ("lr", "learning rate", "learning rate", "tab:green"),
-        ("grad_norm", "grad norm (log scale)", "gradient norm (before clipping)", "tab:orange"),
+        (
+            "grad_norm",
+            "grad norm (log scale)",
+            # A Trainer run can only measure gradients after its clip (the store says so).
+            f"gradient norm ({view.config.get('grad_norm_measured', 'before clipping')})",
+            "tab:orange",
+        ),
     ]
     statuses = cols["status"]
     spans: list[tuple[str, int, int]] = []  # (status, first_step, last_step) runs
