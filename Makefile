@@ -51,6 +51,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_trace.py --preset medium-instructblip-t5 --batch-size 4 \
 		--steps 2 --rounds 3 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_ddp.py --preset tiny-instructblip-t5 --batch-size 16 $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_ddp.py --preset medium-instructblip-t5 --batch-size 4 \
+		--steps 3 --rounds 3 --warmup 1 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_plugin.py
 
 # Open real report pages in headless Chromium (installs Debian's chromium as root if

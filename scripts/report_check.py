@@ -332,11 +332,34 @@ def build_pages(work: Path) -> list[tuple[str, Path, list[str] | None]]:
     else:
         raise CheckError("the classic fp16 run did not stop on an anomaly: cannot check its page")
     pages.append(("classic fp16 failure", *_report(classic)))
+    ranks = work / "two-ranks"
+    print(f"report-check: 2 ranks under torchrun, NaN on rank 1 at step 2, into {ranks}")
+    _two_rank_run(ranks)
+    pages.append(("torchrun, 2 ranks, NaN on rank 1", *_report(ranks)))
     hostile = work / "hostile"
     _hostile_store(hostile)
     pages.append(("hand-made store, no steps", *_report(hostile)))
     print(f"report-check: built {len(pages)} pages in {time.perf_counter() - started:.0f} s")
     return pages
+
+
+def _two_rank_run(run_dir: Path) -> None:
+    """A real 2-rank gloo run (tests/ddp_worker.py) whose rank 1 makes a NaN; skipped."""
+    import os
+    import subprocess
+
+    module = "base_model.model.qformer.encoder.layer.1.intermediate_query.dense"
+    env = {**os.environ, "STABILIZER_TEST_FAULT": f"1:2:{module}", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(REPO / "tests" / "ddp_worker.py"), "train", "--run-dir", str(run_dir),
+        "--max-steps", "4", "--batch-size", "4", "--max-train-samples", "32",
+        "--max-eval-samples", "8", "--real-images-only", "--device", "cpu", "--trace",
+        "--on-anomaly", "skip", "--no-replay",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise CheckError(f"the 2-rank run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
 
 
 def _report(run_dir: Path) -> tuple[Path, list[str] | None]:
