@@ -287,18 +287,8 @@ class TraceSettings:
 
     @classmethod
     def from_train_config(cls, cfg: TrainConfig) -> TraceSettings:
-        return cls(
-            probe=cfg.probe,
-            trace_every=cfg.trace_every,
-            compile_stats=cfg.compile_stats,
-            on_anomaly=cfg.on_anomaly,
-            max_anomalies=cfg.max_anomalies,
-            rollback_lr_factor=cfg.rollback_lr_factor,
-            replay=cfg.replay,
-            adam_eps=cfg.adam_eps,
-            max_grad_norm=cfg.max_grad_norm,
-            tensorboard=cfg.tensorboard,
-        )
+        # Every field here has a TrainConfig field of the same name and meaning.
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 def _check_trace_options(obj: TrainConfig | TraceSettings) -> None:
