@@ -179,3 +179,24 @@ def test_the_origin_is_the_rank_whose_pass_failed_first():
     assert agreement.anomalous_ranks == [0, 1, 3]
     assert agreement.origin_ranks == [1, 3]
     assert StepAgreement((RankVerdict(0, False), RankVerdict(1, False))).origin_ranks == []
+
+
+def test_trainer_callback_under_torchrun_agrees_on_the_skip_and_names_the_rank(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(WORKER.parent.parent), env.get("PYTHONPATH", "")])
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(WORKER.with_name("trainer_ddp_worker.py")), str(tmp_path), "1", "2",
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path / "stabilizer"
+    causes = {}
+    for rank, path in rank_store_paths(run_dir):
+        with TraceStore.open(path) as store:
+            assert store.meta()["world_size"] == 2
+            assert list(store.steps()["status"]) == ["ok", "ok", "skipped", "ok", "ok"]
+            assert [(a["step"], a["action"]) for a in store.actions()] == [(2, "skip")]
+            causes[rank] = [(a["cause"], a["evidence"]["module_path"]) for a in store.anomalies()]
+    assert causes == {0: [("other-rank", None)], 1: [("forward-math", "encoder.2")]}
+    assert '<section id="ranks">' in (run_dir / "report.html").read_text()

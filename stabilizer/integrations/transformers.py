@@ -93,6 +93,7 @@ import torch
 from transformers import TrainerCallback
 
 from stabilizer.config import TraceSettings
+from stabilizer.detector.policy import NumericalAnomalyError
 from stabilizer.errors import ConfigError
 
 _SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -263,10 +264,15 @@ class StabilizerCallback(TrainerCallback):
             accepted, _ = self.session.end_step(
                 self._step, self._step_loss(), self._grad_norm, micro_batches, self._lr(scheduler)
             )
-        except BaseException:
+        except BaseException as exc:
             # NumericalAnomalyError (raise, or too many anomalies): it reaches the user
-            # from trainer.train() with the diagnosis; the report is written first.
-            self._finish(report=self.report, failing=True)
+            # from trainer.train() with the diagnosis; the report is written first. The
+            # stop is agreed between ranks, so every rank is here and may wait for the rest.
+            self._finish(
+                report=self.report,
+                failing=True,
+                all_ranks=isinstance(exc, NumericalAnomalyError),
+            )
             raise
         self._losses, self._labels = [], []
         if not accepted and scheduler is not None:
@@ -294,7 +300,7 @@ class StabilizerCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.session is not None:
             self.session.store.set_meta(completed=True)
-        self._finish(report=self.report)
+        self._finish(report=self.report, all_ranks=True)
 
     # -- the loss ------------------------------------------------------------------------
     def _keep_loss(self, module, args, kwargs, output):
@@ -343,8 +349,12 @@ class StabilizerCallback(TrainerCallback):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _finish(self, *, report: bool, failing: bool = False) -> None:
-        """Close the session; ``failing``: an error is on its way, never replace it."""
+    def _finish(self, *, report: bool, failing: bool = False, all_ranks: bool = False) -> None:
+        """Close the session; ``failing``: an error is on its way, never replace it.
+
+        ``all_ranks``: every rank is finishing here (train end, an agreed stop), so rank 0
+        waits until every store is closed before it merges them into the report.
+        """
         if self._loss_handle is not None:
             self._loss_handle.remove()
             self._loss_handle = None
@@ -359,6 +369,8 @@ class StabilizerCallback(TrainerCallback):
             if not failing:
                 raise
             self.console.print(f"[red]stabilizer: closing the trace store failed: {err}[/]")
+        if all_ranks and session.ranks is not None:
+            session.ranks.barrier()
         if report and session.rank == 0:
             self._write_report(session.run_dir)
 
