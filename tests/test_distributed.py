@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from test_train import quiet
 
@@ -54,9 +56,17 @@ def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if r["kind"] == "train"]
 
 
-def test_two_ranks_train_the_same_adapters_as_one_process_with_the_global_batch(tmp_path):
-    ddp_dir = tmp_path / "ddp"
-    proc = torchrun(ddp_dir, "--batch-size", "4")
+@pytest.fixture(scope="module")
+def healthy_ddp(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A healthy 6-step run on 2 ranks with checkpoints at steps 3 and 6."""
+    ddp_dir = tmp_path_factory.mktemp("healthy") / "ddp"
+    return ddp_dir, torchrun(ddp_dir, "--batch-size", "4")
+
+
+def test_two_ranks_train_the_same_adapters_as_one_process_with_the_global_batch(
+    tmp_path, healthy_ddp
+):
+    ddp_dir, proc = healthy_ddp
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "on each of 2 ranks" in proc.stdout
 
@@ -90,6 +100,25 @@ def test_two_ranks_train_the_same_adapters_as_one_process_with_the_global_batch(
             assert store.meta()["world_size"] == 2
             assert list(store.steps()["status"]) == ["ok"] * 6
     assert (ddp_dir / "report.html").is_file()
+
+
+def test_resume_under_torchrun_continues_exactly_and_replaces_the_later_steps(
+    tmp_path, healthy_ddp
+):
+    full, _ = healthy_ddp
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000006")  # as if killed after step 5
+    (cut / "eval.json").unlink()
+    proc = torchrun(cut, "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout and "step-00000003 at step 3" in proc.stdout
+    resumed, uninterrupted = final_weights(cut), final_weights(full)
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+    for _, path in rank_store_paths(cut):
+        with TraceStore.open(path) as store:
+            assert list(store.steps()["step"]) == [0, 1, 2, 3, 4, 5]
 
 
 def test_nan_on_one_rank_is_skipped_by_both_ranks_and_blamed_on_that_rank(tmp_path):
