@@ -7,6 +7,7 @@ equals ``model(**batch).loss``, so a batch that silently skips the Q-Former fail
 
 from __future__ import annotations
 
+import os
 import time
 
 import huggingface_hub.constants as hub_constants
@@ -427,3 +428,30 @@ def test_generate_answers_one_string_per_sample(name, samples):
     assert all(isinstance(a, str) for a in answers)
     # Left padding (decoder-only) or encoder padding (T5) does not change greedy answers.
     assert answers == [generate_answers(loaded.model, encoder, [s])[0] for s in samples]
+
+
+def test_preset_tokenizer_is_the_same_in_every_process():
+    # WordPieceTrainer broke frequency ties in hash order: each process (each torchrun
+    # rank, each later `stabilizer eval`) got different token ids for the same words.
+    import subprocess
+    import sys
+
+    from stabilizer.models.tokenizer import build_tokenizer
+
+    code = (
+        "import hashlib; from stabilizer.models.tokenizer import _trained_tokenizer_json as t; "
+        "print(hashlib.sha256(t(384).encode()).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(digests) == 1
+    tokenizer = build_tokenizer(add_bos=False)
+    assert len(tokenizer) == 384  # the size asked for, whatever the corpus holds

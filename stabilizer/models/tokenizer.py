@@ -56,7 +56,10 @@ def _trained_tokenizer_json(vocab_size: int) -> str:
     # Most frequent words first, ties by spelling: a fixed order, whatever the hash seed.
     words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     words = [w for w in words if w not in pieces][:room]
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *pieces, *words])}
+    # Reserved entries fill the vocabulary to the size asked for (as BERT's [unused]
+    # tokens do), so the model's embedding tables do not depend on the corpus.
+    unused = [f"[unused{i}]" for i in range(room - len(words))]
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *pieces, *words, *unused])}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
