@@ -30,6 +30,9 @@ from stabilizer.probes.schema import PASSES
 # Sent by each rank every step: (has anomaly, pass index, module index or -1, cause index).
 _VERDICT_FIELDS = 4
 _NO_PASS = len(PASSES)
+# Evaluation and checkpoints run on rank 0 while the others wait at a barrier: a real
+# model's evaluation can outlast torch's default 30 minutes.
+_TIMEOUT = timedelta(minutes=60)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,9 @@ class RankGroup:
         # Verdicts and control values travel on the host over gloo even when the
         # training group is nccl: a CPU tensor needs no device sync to be sent.
         self._host_group = (
-            dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+            dist.new_group(backend="gloo", timeout=_TIMEOUT)
+            if dist.get_backend() != "gloo"
+            else dist.group.WORLD
         )
 
     @classmethod
@@ -113,8 +118,7 @@ class RankGroup:
             backend = "nccl" if device_type == "cuda" else "gloo"
             if device_type == "cuda":
                 torch.cuda.set_device(local)
-            # Evaluation and checkpoints run on rank 0 while the others wait at a barrier.
-            dist.init_process_group(backend=backend, timeout=timedelta(minutes=60))
+            dist.init_process_group(backend=backend, timeout=_TIMEOUT)
         return cls(dist.get_rank(), dist.get_world_size(), local, owns_group=owns)
 
     @property
