@@ -106,7 +106,9 @@ class TraceSession:
         )
         self.store = self._open_store(meta or {}, resume_from)
         self.policy = settings.on_anomaly
-        self.needs_snapshot = self.policy in ("skip", "clip", "rollback") or settings.replay
+        # Replay needs the pre-step state, and a TrainConfig to rebuild the run from.
+        replays = settings.replay and train_config is not None
+        self.needs_snapshot = self.policy in ("skip", "clip", "rollback") or replays
         self.before = StateSnapshot(trainable, optimizer)
         self.good = StateSnapshot(trainable, optimizer)
         self.summary = SessionSummary()
