@@ -199,7 +199,10 @@ def test_healthy_run_records_every_step_and_writes_the_report(tmp_path, monkeypa
         assert meta["training_args"]["max_steps"] == 6 and meta["completed"] is True
         assert store.anomalies() == []
     assert (run_dir / "report.html").is_file()
-    assert "TinyRegressor" in (run_dir / "report.html").read_text()
+    page = (run_dir / "report.html").read_text()
+    assert "TinyRegressor" in page
+    # Titled after the Trainer's output folder, not the "stabilizer" folder inside it.
+    assert "<title>stabilizer report: out</title>" in page
     assert "tracing 3 modules and 6 trainable tensors" in console.export_text()
     # Every hook is gone with the run.
     assert stabilizer_hooks(model) == 0

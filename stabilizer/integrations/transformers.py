@@ -491,6 +491,7 @@ def _meta(args, model, trainable, settings: TraceSettings, compute_dtype: str, k
     return {
         "config": config,
         "completed": False,  # set at on_train_end (a resumed store may hold an old True)
+        "run_name": Path(args.output_dir).name or "trainer",  # the report's title
         "source": "transformers.Trainer",
         "model_class": type(model).__name__,
         # JSON-safe: TrainingArguments may hold enums, paths or objects.

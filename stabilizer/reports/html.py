@@ -101,7 +101,9 @@ def _collect(store: TraceStore, run_dir: Path) -> dict[str, Any]:
         status = "completed"
     else:
         status = "partial (killed or still running)"
-    name = run_dir.name or run_dir.resolve().name
+    # A run traced outside our loop names itself (a Trainer's folder is "stabilizer").
+    name = meta.get("run_name") or run_dir.name or run_dir.resolve().name
+    name = str(name)
     return {
         "name": name,
         "run_dir": run_dir,
