@@ -1,10 +1,36 @@
 """stabilizer: numerical-stability diagnostics for Q-Former LoRA fine-tuning.
 
+    with stabilizer.watch(model, optimizer, scaler=scaler) as watch:
+        ...your loop...        # stops with stabilizer.NumericalAnomalyError at the first NaN/Inf
+
 ``import stabilizer`` stays light (no torch import), so the pytest plugin costs
 nothing when it is not enabled; the heavy parts load on first use.
 """
 
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["NumericalAnomalyError", "watch", "trace"]
+
+
+def watch(model, optimizer, **options):
+    """``with stabilizer.watch(model, optimizer, scaler=scaler) as watch:`` around your loop.
+
+    See :class:`stabilizer.watcher.Watch` for the options and what it learns by itself.
+    (The module is ``watcher``, not ``watch``: importing a submodule named ``watch``
+    would replace this function on the package.)
+    """
+    from stabilizer.watcher import Watch
+
+    return Watch(model, optimizer, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NumericalAnomalyError":
+        from stabilizer.detector.policy import NumericalAnomalyError
+
+        return NumericalAnomalyError
+    raise AttributeError(f"module 'stabilizer' has no attribute {name!r}")
 
 
 def trace(model, **kwargs):

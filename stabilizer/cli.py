@@ -21,6 +21,7 @@ from stabilizer.config import (
     DEVICES,
     PRECISIONS,
     SCHEDULES,
+    WARNING_POLICIES,
     TrainConfig,
     field_help,
 )
@@ -256,6 +257,13 @@ def _train_options(func):
             default=d.on_anomaly,
             show_default=True,
             help=_h("on_anomaly"),
+        ),
+        click.option(
+            "--on-warning",
+            type=click.Choice(WARNING_POLICIES),
+            default=d.on_warning,
+            show_default=True,
+            help=_h("on_warning"),
         ),
         click.option(
             "--max-anomalies",
@@ -584,7 +592,7 @@ def replay(bundle: Path, device: str) -> None:
     state, the config and the original diagnosis. The model is rebuilt from the
     config (a preset, folder or hub id), so a bundle stays small.
     """
-    from stabilizer.detector.replay import replay_bundle
+    from stabilizer.repro import replay_bundle
 
     try:
         anomaly, original = replay_bundle(bundle, device=device)

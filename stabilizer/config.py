@@ -26,6 +26,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 ANOMALY_POLICIES = ("raise", "skip", "clip", "rollback", "warn")
+WARNING_POLICIES = ("warn", "raise")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -131,6 +132,13 @@ class TrainConfig:
     )
     on_anomaly: str = field(
         default="raise", metadata=_help("with --trace: raise, skip, clip, rollback or warn")
+    )
+    on_warning: str = field(
+        default="warn",
+        metadata=_help(
+            "with --trace, on an early warning (nothing non-finite yet: a huge update, "
+            "fp16 headroom, steady growth): warn (print the card, train on) or raise (stop)"
+        ),
     )
     max_anomalies: int = field(
         default=10, metadata=_help("stop with the diagnosis after this many anomalies")
@@ -274,6 +282,7 @@ class TraceSettings:
     trace_every: int = 1
     compile_stats: bool = False
     on_anomaly: str = "raise"
+    on_warning: str = "warn"  # "raise": stop at the first early warning too
     max_anomalies: int = 10
     rollback_lr_factor: float = 0.5
     # The op-level and fp32 replay of the first anomalous step (needs the step's batches).
@@ -293,6 +302,7 @@ class TraceSettings:
 
 def _check_trace_options(obj: TrainConfig | TraceSettings) -> None:
     _choice("--on-anomaly", obj.on_anomaly, ANOMALY_POLICIES)
+    _choice("--on-warning", obj.on_warning, WARNING_POLICIES)
     _positive("--trace-every", obj.trace_every)
     _positive("--max-anomalies", obj.max_anomalies)
     if not 0 < obj.rollback_lr_factor <= 1:

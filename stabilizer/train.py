@@ -35,6 +35,7 @@ from stabilizer.data import check_samples, load_samples
 from stabilizer.data.collate import BatchEncoder
 from stabilizer.data.sample import VQASample
 from stabilizer.detector.policy import NumericalAnomalyError
+from stabilizer.detector.replay import RecordedStep, scale_of
 from stabilizer.distributed import RankGroup
 from stabilizer.errors import BadSampleError, ConfigError
 from stabilizer.evaluate import EvalResult, evaluate
@@ -487,8 +488,11 @@ def _train(
                     micro_batches.append(
                         {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     )
+                grad_scale = None
                 if session is not None:
                     session.begin_step(step)
+                    if scaler is not None and session.replays:
+                        grad_scale = scale_of(scaler)  # on the device: no sync
                 step_loss, grad_norm = train_step(
                     forward_model,
                     micro_batches,
@@ -503,7 +507,14 @@ def _train(
                 accepted = True
                 if session is not None:
                     accepted, _ = session.end_step(
-                        step, step_loss, grad_norm, micro_batches, scheduler.get_last_lr()[0]
+                        step,
+                        step_loss,
+                        grad_norm,
+                        micro_batches,
+                        scheduler.get_last_lr()[0],
+                        recorded=RecordedStep.from_batches(
+                            micro_batches, autocast_dtype=plan.autocast_dtype, grad_scale=grad_scale
+                        ),
                     )
                 if accepted:
                     scheduler.step()

@@ -25,7 +25,8 @@ LR = 0.05
 
 class TinyRegressor(nn.Module):
     """``x (8) -> Linear -> tanh -> Linear -> tanh -> head``; returns ``{"loss", "logits"}``
-    like a Hugging Face model. Probed modules: encoder.0, encoder.2, head."""
+    like a Hugging Face model. Probed modules (no Q-Former: every module but the root):
+    encoder, encoder.0, encoder.1 (the parameter-less Tanh), encoder.2, head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -184,9 +185,10 @@ def test_healthy_run_records_every_step_and_writes_the_report(tmp_path, monkeypa
         # The grad norm is measured after Trainer's clip to max_grad_norm (1.0).
         clipped = [min(norm, 1.0) for norm in logged(trainer, "grad_norm")]
         assert steps["grad_norm"].tolist() == pytest.approx(clipped, rel=1e-4)
-        assert [m.name for m in store.modules()] == ["encoder.0", "encoder.2", "head"]
+        names = [m.name for m in store.modules()]
+        assert names == ["encoder", "encoder.0", "encoder.1", "encoder.2", "head"]
         _, absmax = store.module_stat("absmax", "fwd_out")
-        assert absmax.shape == (6, 3) and (absmax > 0).all()
+        assert absmax.shape == (6, 5) and (absmax > 0).all()
         _, grad_rms = store.module_stat("rms", "grad_out")
         assert (grad_rms > 0).all()
         _, param_grads = store.param_stat("grad_norm")
@@ -203,7 +205,7 @@ def test_healthy_run_records_every_step_and_writes_the_report(tmp_path, monkeypa
     assert "TinyRegressor" in page
     # Titled after the Trainer's output folder, not the "stabilizer" folder inside it.
     assert "<title>stabilizer report: out</title>" in page
-    assert "tracing 3 modules and 6 trainable tensors" in console.export_text()
+    assert "tracing 5 modules and 6 trainable tensors" in console.export_text()
     # Every hook is gone with the run.
     assert stabilizer_hooks(model) == 0
     assert not trainer.optimizer.optimizer._optimizer_step_post_hooks

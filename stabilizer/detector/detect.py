@@ -34,6 +34,11 @@ _STAT = {name: i for i, name in enumerate(TENSOR_STATS)}
 _PSTAT = {name: i for i, name in enumerate(PARAM_STATS)}
 
 
+def _scaler_misused(record: StepRecord) -> bool:
+    """The step applied gradients a GradScaler scaled and nobody unscaled."""
+    return record.extra.get("gradscaler_misuse", 0.0) > 0
+
+
 @dataclass
 class DetectorContext:
     """What the detector knows about the run beyond the record."""
@@ -57,6 +62,8 @@ class Detector:
         self._history: deque[StepRecord] = deque(maxlen=max(8, self.context.growth_window))
         self._losses: deque[float] = deque(maxlen=50)
         self._warned: set[tuple[str, int | None]] = set()
+        self._first_weights: tuple[int, float] | None = None  # (step, total weight norm)
+        self._last_weight_norm: float | None = None
 
     # -- the check ---------------------------------------------------------------------
     def check(self, record: StepRecord) -> Anomaly | None:
@@ -68,7 +75,10 @@ class Detector:
             or self._backward(record)
             or self._optimizer(record)
         )
+        if anomaly is not None and _scaler_misused(record):
+            anomaly = self._misuse(record, anomaly)
         self._remember_bad_weights(record)
+        self._remember_first_weights(record)
         if anomaly is None:
             self._history.append(record)
             if record.loss_finite:
@@ -87,7 +97,8 @@ class Detector:
     def warnings(self, record: StepRecord) -> list[Anomaly]:
         """Early warnings (nothing non-finite yet); each module/kind is reported once."""
         found = []
-        for warning in self._near_limit(record) + self._divergence(record):
+        candidates = self._unstable_update(record) + self._near_limit(record)
+        for warning in candidates + self._divergence(record):
             key = (warning.cause, warning.module_index)
             if key not in self._warned:
                 self._warned.add(key)
@@ -143,6 +154,8 @@ class Detector:
                 absmax=absmax,
                 limit=self._limit(),
             )
+        elif self._overflowed(record, index):
+            anomaly = self._overflow(record.step, op="")
         else:
             anomaly = make_anomaly(
                 record.step, "forward", "forward-math", dtype=self.context.compute_dtype
@@ -212,26 +225,6 @@ class Detector:
 
     def _optimizer(self, record: StepRecord) -> Anomaly | None:
         if record.params_finite:
-            overall = record.extra.get("update_ratio_all", math.nan)
-            if math.isfinite(overall) and overall > 1.0:
-                ratios = record.param_stats[:, _PSTAT["update_ratio"]]
-                if any(p.dtype == "float16" for p in self.params):
-                    # fp16 AdamW state: g*g below 6e-8 flushes to 0, so Adam divides the
-                    # momentum by eps alone (fused kernels avoid the 0/0 but not this).
-                    anomaly = make_anomaly(
-                        record.step, "optimizer", "fp16-adam-underflow", ratio=overall
-                    )
-                else:
-                    anomaly = make_anomaly(
-                        record.step, "optimizer", "update-too-large", ratio=overall
-                    )
-                if np.isfinite(ratios).any():
-                    worst = int(np.nanargmax(ratios))
-                    anomaly.module = self.params[worst].label
-                    anomaly.module_path = self.params[worst].name
-                    anomaly.module_index = self.params[worst].module_index
-                    anomaly.evidence["largest single-tensor ratio"] = float(ratios[worst])
-                return anomaly
             return None
         bad = [i for i, row in enumerate(record.param_stats) if row[_PSTAT["weight_nonfinite"]] > 0]
         newly_bad = [i for i in bad if i not in self.bad_weights_since]
@@ -262,6 +255,37 @@ class Detector:
         return anomaly
 
     # -- early warnings ------------------------------------------------------------------
+    def _unstable_update(self, record: StepRecord) -> list[Anomaly]:
+        """An update far larger than the weights: finite still, but training is lost."""
+        overall = record.extra.get("update_ratio_all", math.nan)
+        if not (math.isfinite(overall) and overall > 1.0):
+            return []
+        if _scaler_misused(record):
+            anomaly = self._misuse_anomaly(record.step, "optimizer", record, "finite, but huge")
+        elif any(p.dtype == "float16" for p in self.params):
+            # fp16 AdamW state: g*g below 6e-8 flushes to 0, so Adam divides the
+            # momentum by eps alone (fused kernels avoid the 0/0 but not this).
+            anomaly = make_anomaly(record.step, "optimizer", "fp16-adam-underflow", ratio=overall)
+        else:
+            scaler = (
+                "while the GradScaler was used correctly"
+                if self.context.uses_grad_scaler
+                else "with no GradScaler in this loop"
+            )
+            anomaly = make_anomaly(
+                record.step, "optimizer", "update-too-large", ratio=overall, scaler=scaler
+            )
+        anomaly.evidence["update / weights (all trainable tensors)"] = overall
+        ratios = record.param_stats[:, _PSTAT["update_ratio"]]
+        if np.isfinite(ratios).any():
+            worst = int(np.nanargmax(ratios))
+            anomaly.module = self.params[worst].label
+            anomaly.module_path = self.params[worst].name
+            anomaly.module_index = self.params[worst].module_index
+            anomaly.evidence["largest single-tensor ratio"] = float(ratios[worst])
+        anomaly.warning = True
+        return [anomaly]
+
     def _near_limit(self, record: StepRecord) -> list[Anomaly]:
         if not self._is_half() or record.stats is None:
             return []
@@ -321,6 +345,92 @@ class Detector:
         anomaly.warning = True
         return anomaly
 
+    # -- causes that need more than one pass's view ------------------------------------------
+    def _misuse_anomaly(self, step: int, pass_: str, record: StepRecord, effect: str) -> Anomaly:
+        scale = record.extra.get("grad_scale", math.nan)
+        anomaly = make_anomaly(
+            step,
+            pass_,
+            "gradscaler-misuse",
+            scale=scale if math.isfinite(scale) else 65536.0,
+            effect=effect,
+        )
+        anomaly.evidence["GradScaler state at the optimizer step"] = (
+            "scale() used, never unscaled (no unscale_/step for this optimizer)"
+        )
+        return anomaly
+
+    def _misuse(self, record: StepRecord, found: Anomaly) -> Anomaly:
+        """A backward or optimizer NaN/Inf in a step that applied scaled gradients: the
+        misuse is the cause; where the value went non-finite is kept as evidence."""
+        if found.pass_ not in ("backward", "optimizer"):
+            return found
+        effect = (
+            "gradients overflowed in the scaled backward and were written into the weights"
+            if found.pass_ == "backward"
+            else "the weights went non-finite"
+        )
+        anomaly = self._misuse_anomaly(found.step, found.pass_, record, effect)
+        anomaly.module, anomaly.module_path = found.module, found.module_path
+        anomaly.module_index = found.module_index
+        anomaly.evidence["first non-finite"] = found.headline()
+        anomaly.evidence.update(found.evidence)
+        return anomaly
+
+    def _overflowed(self, record: StepRecord, index: int) -> bool:
+        """A full step's offender output held Inf and no NaN: an overflow, not 0/0."""
+        if record.stats is None:
+            return False
+        row = record.stats["fwd_out"][index]
+        return row[_STAT["inf"]] > 0 and row[_STAT["nan"]] == 0
+
+    def _overflow(self, step: int, *, op: str) -> Anomaly:
+        """An fp32 (or bf16) overflow: divergence when the weights grew by orders of
+        magnitude since the first step, else values too large for the dtype."""
+        growth = self.weight_growth()
+        dtype = self.context.compute_dtype
+        if growth is not None and growth[1] >= 10.0:
+            return make_anomaly(
+                step,
+                "forward",
+                "divergence-overflow",
+                dtype=dtype,
+                op=op,
+                growth=growth[1],
+                since=growth[0],
+            )
+        return make_anomaly(step, "forward", "float-overflow", dtype=dtype, op=op)
+
+    def weight_growth(self) -> tuple[int, float] | None:
+        """(first step, total trainable weight norm now / then), from the last record."""
+        if self._first_weights is None or self._last_weight_norm is None:
+            return None
+        step, first = self._first_weights
+        return step, self._last_weight_norm / first if first > 0 else math.inf
+
+    def refine(self, anomaly: Anomaly, op: dict | None) -> Anomaly:
+        """Sharpen a forward diagnosis with the exact op the replay found.
+
+        Returns the anomaly to report (a new one when the op changes the cause; where,
+        the evidence and the op are carried over)."""
+        if op is None or anomaly.pass_ != "forward":
+            return anomaly
+        if anomaly.cause not in ("forward-math", "float-overflow", "unprobed-origin"):
+            return anomaly
+        name = f" (op {op['op']})"
+        if op.get("masked_rows"):
+            better = make_anomaly(
+                anomaly.step, "forward", "masked-softmax-row", op=op["op"], rows=op["masked_rows"]
+            )
+        elif op.get("kind") == "overflow" and not self._is_half():
+            better = self._overflow(anomaly.step, op=name)
+        else:
+            return anomaly
+        better.module, better.module_path = anomaly.module, anomaly.module_path
+        better.module_index, better.op = anomaly.module_index, anomaly.op
+        better.evidence = {"first diagnosed as": anomaly.cause, **anomaly.evidence}
+        return better
+
     # -- helpers ----------------------------------------------------------------------------
     def _is_half(self) -> bool:
         return self.context.compute_dtype in ("float16", "bfloat16")
@@ -353,6 +463,15 @@ class Detector:
             or self.params[p].module_index == module_index
         ]
         return min(steps) if steps else None
+
+    def _remember_first_weights(self, record: StepRecord) -> None:
+        norms = record.param_stats[:, _PSTAT["weight_norm"]]
+        if not len(norms) or not np.isfinite(norms).all():
+            return
+        total = float(np.sqrt(np.square(norms.astype(np.float64)).sum()))
+        self._last_weight_norm = total
+        if self._first_weights is None:
+            self._first_weights = (record.step, total)
 
     def _remember_bad_weights(self, record: StepRecord) -> None:
         column = record.param_stats[:, _PSTAT["weight_nonfinite"]]

@@ -44,11 +44,20 @@ CAUSES: dict[str, Cause] = {
         ),
         Cause(
             "update-too-large",
-            "the optimizer update was {ratio:.3g} times the weights (a healthy step is < 0.01): "
-            "scaled gradients applied without unscaling (GradScaler misuse) or a far too high "
-            "learning rate",
-            "With GradScaler call scaler.step(optimizer) (or scaler.unscale_ before clipping), "
-            "never optimizer.step() on scaled gradients; otherwise lower --lr",
+            "the optimizer update was {ratio:.3g} times the weights (a healthy step is < 0.01) "
+            "{scaler}: the learning rate is far too high for these weights, and training "
+            "diverges from here",
+            "Lower the learning rate (--lr) or add warm-up, and clip the gradient norm "
+            "(--max-grad-norm)",
+        ),
+        Cause(
+            "gradscaler-misuse",
+            "the optimizer stepped on gradients the GradScaler had scaled (x{scale:g}) and "
+            "nobody unscaled: optimizer.step() was called instead of scaler.step(optimizer), "
+            "so the update is applied to scaled gradients ({effect})",
+            "After scaler.scale(loss).backward() call scaler.step(optimizer) and "
+            "scaler.update() (scaler.unscale_(optimizer) first if you clip gradients); "
+            "never optimizer.step() on scaled gradients",
         ),
         Cause(
             "fp16-adam-underflow",
@@ -87,6 +96,30 @@ CAUSES: dict[str, Cause] = {
             "masked softmax row",
             "Look at the exact op in the replay; check masks (a row masked with -inf "
             "everywhere gives NaN) and inputs to log/sqrt/division",
+        ),
+        Cause(
+            "masked-softmax-row",
+            "a softmax ran over a row whose every entry was masked (-inf): {op} made NaN from "
+            "{rows} fully masked row(s). A sample with no valid position (all padding, an "
+            "empty mask) has nothing to attend to, and exp(-inf)/0 is NaN",
+            "Build the mask so every row keeps at least one valid position (drop empty "
+            "samples or keep one token), or fill with torch.finfo(dtype).min instead of "
+            "-inf; F.scaled_dot_product_attention returns 0 for fully masked rows",
+        ),
+        Cause(
+            "divergence-overflow",
+            "a value overflowed {dtype} from finite inputs{op} after the trainable weights "
+            "grew {growth:.3g}x since step {since}: training diverged, and the NaN that "
+            "followed the Inf (inf*0, inf-inf) is its consequence, not invalid math",
+            "Lower --lr, add warm-up and clip the gradient norm (--max-grad-norm); the "
+            "earlier warnings name when the growth started",
+        ),
+        Cause(
+            "float-overflow",
+            "a value overflowed {dtype} from finite inputs{op}: the Inf came first, and the "
+            "NaN after it (inf*0, inf-inf) is its consequence, not invalid math",
+            "Find what makes values this large (unnormalised inputs, exp of large values, "
+            "a missing scale); normalise or clamp before this module",
         ),
         Cause(
             "unprobed-origin",
@@ -194,13 +227,15 @@ class Anomaly:
         }
 
 
-# Anomalies raised before anything is non-finite (the update is already unsafe).
-FINITE_CAUSES = ("update-too-large", "fp16-adam-underflow")
+# Causes found before anything is non-finite: warnings, which do not stop a run unless
+# on_warning="raise" (the NaN/Inf that follows names the warning that predicted it).
+FINITE_CAUSES = ("update-too-large", "fp16-adam-underflow", "gradscaler-misuse")
 
 
 def anomaly_kind(cause: str | None) -> str:
     """How a headline names a (non-warning) anomaly of this cause."""
-    return "unstable update" if cause in FINITE_CAUSES else "NaN/Inf"
+    # GradScaler misuse is also the cause of NaN/Inf it leads to; the others are finite.
+    return "unstable update" if cause in FINITE_CAUSES[:2] else "NaN/Inf"
 
 
 def make_anomaly(step: int, pass_: str, cause: str, **values: Any) -> Anomaly:

@@ -1,19 +1,25 @@
 """Replay one anomalous step: op by op to name the exact aten op, and again in fp32.
 
-On the first anomaly the loop still holds what the step started from (the
-batch, the RNG state, the trainable weights and optimizer state from before the
-update). The step is run again from there:
+On the first anomaly the session still holds what the step started from (the
+trainable weights and optimizer state from before the update, the RNG state) and
+a :class:`RecordedStep`: what the model was called with, under which autocast,
+and how the loss went into backward. The step is run again from there:
 
 1. under :class:`OpWatch`, a ``TorchDispatchMode`` that reports the first aten op
-   whose floating-point inputs were all finite and whose output was not, counted
-   only inside the offending module (forward), in backward, or inside the
-   optimizer step, according to the pass that failed;
+   whose floating-point inputs were finite (masks' -inf allowed) and whose output
+   was NaN/+Inf, counted only inside the offending module (forward), in backward,
+   or inside the optimizer step, according to the pass that failed;
 2. on an fp32 copy of the model and optimizer state: finite there means a
    precision problem, non-finite a math problem.
 
-Then a repro bundle is written (``runs/<name>/repro/step-N/``: the batch as
-safetensors, the pre-step state as a checkpoint, the config and the diagnosis as
-JSON) that ``stabilizer replay BUNDLE`` runs again. The training state is put
+An optimizer-pass anomaly needs no forward at all: the gradients the optimizer
+stepped on are still there, so only the update is re-run. That is what makes
+the replay work around a loop stabilizer did not write (a custom forward that
+never calls the root module has no recorded call to re-run).
+
+The replay re-runs one step; it never imports the training loop. The caller
+(``stabilizer train``) may pass a ``write_bundle`` callable to save a repro
+bundle. The training state (weights, optimizer state, gradients, RNG) is put
 back exactly as it was, so replaying changes nothing in the run.
 """
 
@@ -23,17 +29,23 @@ import copy
 import inspect
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from stabilizer.detector.diagnosis import Anomaly
 
 BUNDLE_FILE = "bundle.json"
 BATCH_FILE = "batch.safetensors"
+_SOFTMAX_OPS = ("_softmax", "softmax", "_log_softmax", "log_softmax", "_safe_softmax")
+
+
+class ReplayUnavailable(Exception):
+    """The step cannot be re-run; the message says why (it goes into the card)."""
 
 
 def _float_tensors(values) -> list[torch.Tensor]:
@@ -41,27 +53,56 @@ def _float_tensors(values) -> list[torch.Tensor]:
     return [t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    # Deliberate host syncs: replay is the expensive path, run once per run.
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
+def _judgeable(t: torch.Tensor) -> bool:
+    # Meta tensors have no values, sparse ones no dense view: neither can be judged.
+    return bool(t.numel()) and t.device.type != "meta" and t.layout == torch.strided
 
 
-def _emergent(tensors: list[torch.Tensor]) -> bool:
-    """Non-finite values that are not a masking idiom.
+def _inputs_ok(tensors: list[torch.Tensor]) -> bool:
+    """No NaN and no +Inf: a -inf is a mask (``masked_fill(-inf)``), a legitimate input.
 
-    Masks (T5's log(0) in relative-position buckets, ``masked_fill(-inf)``) make
-    only -inf; overflow and invalid math make NaN or +inf.
+    Deliberate host syncs: the replay is the expensive path, run once per run.
     """
     for t in tensors:
-        if not t.numel():
+        if not _judgeable(t):
             continue
         if bool(torch.isnan(t).any()) or bool((t == math.inf).any()):
-            return True
-    return False
+            return False
+    return True
+
+
+def _emergent(tensors: list[torch.Tensor]) -> str | None:
+    """``"nan"`` or ``"overflow"`` (+Inf and no NaN) for non-finite values that are not
+    a masking idiom (masks, T5's log(0) in relative-position buckets, make only -inf)."""
+    overflow = False
+    for t in tensors:
+        if not _judgeable(t):
+            continue
+        if bool(torch.isnan(t).any()):
+            return "nan"
+        overflow = overflow or bool((t == math.inf).any())
+    return "overflow" if overflow else None
+
+
+def _masked_rows(func, args) -> int:
+    """Rows of a softmax input that are -inf everywhere (their softmax is 0/0)."""
+    if func.overloadpacket.__name__ not in _SOFTMAX_OPS or not args:
+        return 0
+    x = args[0]
+    dim = args[1] if len(args) > 1 and isinstance(args[1], int) else -1
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not _judgeable(x):
+        return 0
+    return int(torch.isneginf(x).all(dim=dim).sum())
 
 
 class OpWatch(TorchDispatchMode):
-    """Records the first aten op that turns finite inputs into NaN/+Inf while ``active``."""
+    """Records the first aten op that turns finite inputs into NaN/+Inf while ``active``.
+
+    ``first`` holds the op, its overload, input shapes and dtypes, ``kind``
+    ("nan" or "overflow": +Inf first, as in an overflow that a later inf*0 turns
+    into NaN), ``masked_rows`` for a softmax over fully masked rows, and
+    ``tensor``: the parameter an in-place op updated (optimizer steps).
+    """
 
     def __init__(self, names: dict[int, str] | None = None) -> None:
         super().__init__()
@@ -75,23 +116,96 @@ class OpWatch(TorchDispatchMode):
         inputs = _float_tensors((args, kwargs)) if watch else []
         # Only ops that turn finite *inputs* into NaN/Inf count: factories have none,
         # and torch.empty & co. return uninitialised memory that may hold NaN bits.
-        inputs_ok = bool(inputs) and _all_finite(inputs)
+        inputs_ok = bool(inputs) and _inputs_ok(inputs)
         out = func(*args, **kwargs)
         if watch and inputs_ok:
             outputs = _float_tensors(out)
             if not outputs and func._schema.name.endswith("_"):
                 outputs = _float_tensors(args[:1])  # in-place op: the result is args[0]
-            if _emergent(outputs):
+            kind = _emergent(outputs)
+            if kind is not None:
                 self.first = {
                     "op": str(func.overloadpacket.__name__),
                     "overload": str(func),
-                    "input shapes": [list(t.shape) for t in _float_tensors((args, kwargs))][:4],
-                    "dtypes": sorted({str(t.dtype) for t in _float_tensors((args, kwargs))}),
+                    "kind": kind,
+                    "input shapes": [list(t.shape) for t in inputs][:4],
+                    "dtypes": sorted({str(t.dtype) for t in inputs}),
                 }
+                rows = _masked_rows(func, args)
+                if rows:
+                    self.first["masked_rows"] = rows
                 target = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 if target is not None and target.data_ptr() in self.names:
                     self.first["tensor"] = self.names[target.data_ptr()]
         return out
+
+
+def loss_of(output) -> torch.Tensor | None:
+    """The loss in a model's output: ``output.loss`` / ``output["loss"]``, a bare scalar
+    tensor, or the first element of a tuple when it is a scalar; None otherwise."""
+    if isinstance(output, Mapping):  # dicts and transformers' ModelOutput
+        loss = output.get("loss")
+    elif isinstance(output, (tuple, list)) and output:
+        loss = output[0]
+    else:
+        loss = getattr(output, "loss", output)
+    if isinstance(loss, torch.Tensor) and loss.is_floating_point() and loss.numel() == 1:
+        return loss
+    return None
+
+
+def scale_of(scaler) -> torch.Tensor | float:
+    """The scale a GradScaler's ``scale()`` multiplies by now (a copy: ``update()``
+    changes it in place), without a host sync."""
+    scale = getattr(scaler, "_scale", None)
+    if scale is None:  # created lazily by the first scale()
+        return float(scaler._init_scale)
+    return scale.detach().clone()
+
+
+@dataclass
+class RecordedStep:
+    """What re-running one optimizer step needs, as the loop ran it.
+
+    ``calls``: one ``(args, kwargs)`` per forward of the root module (a micro-batch
+    each), the tensors as they were passed. ``autocast``: ``(device_type, dtype)`` the
+    forwards ran under, None without autocast. Each micro-batch's loss went into
+    backward divided by ``loss_divisor`` and multiplied by ``grad_scale`` (the
+    GradScaler's scale, None without one); ``unscaled``: the loop unscaled the
+    gradients before the optimizer step (a correct GradScaler loop does). ``why_not``
+    says why a step has no calls (e.g. a custom forward that never called the root).
+    """
+
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)
+    autocast: tuple[str, torch.dtype] | None = None
+    loss_divisor: float = 1.0
+    grad_scale: torch.Tensor | float | None = None
+    unscaled: bool = True
+    why_not: str | None = None
+
+    @classmethod
+    def from_batches(
+        cls,
+        micro_batches,
+        *,
+        autocast_dtype: torch.dtype | None,
+        grad_scale: torch.Tensor | float | None,
+    ) -> RecordedStep:
+        """Our loop's step: ``model(**batch)`` per micro-batch, the loss divided by their count."""
+        device = micro_batches[0]["input_ids"].device.type if micro_batches else "cpu"
+        return cls(
+            calls=[((), dict(b)) for b in micro_batches],
+            autocast=(device, autocast_dtype) if autocast_dtype is not None else None,
+            loss_divisor=float(len(micro_batches)),
+            grad_scale=grad_scale,
+        )
+
+    def batches(self) -> list[dict[str, torch.Tensor]]:
+        """The calls' tensor keyword arguments (what a repro bundle saves)."""
+        return [
+            {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+            for _, kwargs in self.calls
+        ]
 
 
 @dataclass
@@ -101,34 +215,72 @@ class ReplayResult:
     bundle: Path | None
 
 
-def _run_step(
+def _autocast_of(recorded: RecordedStep, fp32: bool, device_type: str):
+    if recorded.autocast is None or fp32:
+        # Explicitly off: the replay may run inside the user's own autocast region.
+        return torch.autocast(device_type, enabled=False)
+    device, dtype = recorded.autocast
+    return torch.autocast(device, dtype=dtype)
+
+
+def _device_type(recorded: RecordedStep) -> str:
+    for value in tree_flatten(recorded.calls)[0]:
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
+
+
+def _run_recorded(
     model,
     optimizer,
-    micro_batches,
+    recorded: RecordedStep,
     *,
-    plan,
     watch: OpWatch | None,
     scope: str,
     offender: torch.nn.Module | None,
-):
-    """Forward, backward and optimizer step, with ``watch`` active where ``scope`` says."""
+    fp32: bool = False,
+) -> torch.Tensor:
+    """Forward, backward and optimizer step of ``recorded``, with ``watch`` active where
+    ``scope`` says. Raises :class:`ReplayUnavailable` when the model returns no loss."""
     handles = []
     if watch is not None and scope == "forward" and offender is not None:
         handles.append(
             offender.register_forward_pre_hook(lambda *a: setattr(watch, "active", True))
         )
         handles.append(offender.register_forward_hook(lambda *a: setattr(watch, "active", False)))
+    device_type = _device_type(recorded)
+    scaling = recorded.grad_scale is not None
     try:
         losses = []
-        for batch in micro_batches:
-            with plan.autocast(batch["input_ids"].device.type):
-                loss = model(**batch).loss / len(micro_batches)
-            losses.append(loss.detach())
+        for args, kwargs in recorded.calls:
+            if fp32:
+                args, kwargs = tree_map(_to_fp32, (args, kwargs))
+            with _autocast_of(recorded, fp32, device_type):
+                output = model(*args, **kwargs)
+            loss = loss_of(output)
+            if loss is None:
+                if scope == "forward":
+                    return torch.zeros(())  # the offender ran: that is all forward needs
+                raise ReplayUnavailable(
+                    "the model's output carries no loss (it was computed outside the model)"
+                )
+            loss = loss / recorded.loss_divisor
+            losses.append(loss.detach().float())
+            if scope == "forward":
+                continue
+            scaled = loss * recorded.grad_scale if scaling and not fp32 else loss
             if watch is not None and scope == "backward":
                 watch.active = True
-            loss.backward()
+            scaled.backward()
             if watch is not None and scope == "backward":
                 watch.active = False
+        if scope == "forward":
+            return torch.stack(losses).sum()
+        if scaling and recorded.unscaled and not fp32:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(recorded.grad_scale)
         if watch is not None and scope == "optimizer":
             watch.active = True
         optimizer.step()
@@ -139,6 +291,12 @@ def _run_step(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _to_fp32(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.float()
+    return value
 
 
 def _foreach_off(optimizer) -> list:
@@ -164,21 +322,23 @@ def replay_step(
     model,
     optimizer,
     before,
-    micro_batches,
     anomaly: Anomaly,
     tracer,
     rng_state,
-    run_dir: Path,
-    cfg,
-    write: bool = True,
+    recorded: RecordedStep | None,
+    write_bundle: Callable[[], Path] | None = None,
 ) -> ReplayResult:
-    """Replay the step that produced ``anomaly``; fills ``anomaly.op`` and evidence."""
-    from stabilizer.detector.policy import StateSnapshot
-    from stabilizer.precision import plan_precision
+    """Replay the step that produced ``anomaly``; fills ``anomaly.op`` and evidence.
 
-    plan = plan_precision(cfg.precision, cfg.adapter_dtype)
+    ``before`` is the pre-step :class:`~stabilizer.detector.policy.StateSnapshot`;
+    ``recorded`` what the step's forwards were called with (None or without calls:
+    only an optimizer-pass anomaly can be replayed, from the gradients still held).
+    """
+    from stabilizer.detector.policy import StateSnapshot
+
     after = StateSnapshot(before.params, optimizer)
     after.capture()
+    grads = [p.grad for p in before.params]  # the loop's gradients, put back at the end
     rng_after = torch.get_rng_state()
     offender = None
     if anomaly.module_path:
@@ -189,40 +349,53 @@ def replay_step(
     scope = {"forward": "forward", "backward": "backward", "optimizer": "optimizer"}.get(
         anomaly.pass_
     )
+    rerun = recorded is not None and bool(recorded.calls)
+    if scope is None:
+        raise ReplayUnavailable(f"nothing to re-run for the {anomaly.pass_} pass")
+    if not rerun and scope != "optimizer":
+        why = (recorded.why_not if recorded is not None else None) or "no recorded forward"
+        raise ReplayUnavailable(why)
+    if not rerun and all(g is None for g in grads):
+        raise ReplayUnavailable("the step's gradients are gone (zero_grad ran before the check)")
     result = ReplayResult(op=None, fp32_finite=None, bundle=None)
+    was_recording = tracer.recording
     tracer.close()  # the replay must not record into the run's trace
+    tracer.recording = False
     was_training = model.training
     try:
         # 1. op by op, from the state before the step.
-        if scope is not None:
-            before.restore()
-            if rng_state is not None:
-                torch.set_rng_state(rng_state)
-            saved = _foreach_off(optimizer)
-            watch = OpWatch({p.data_ptr(): n for n, p in model.named_parameters()})
-            try:
-                with watch:
-                    _run_step(
-                        model,
-                        optimizer,
-                        micro_batches,
-                        plan=plan,
-                        watch=watch,
-                        scope=scope,
-                        offender=offender,
+        before.restore()
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
+        saved = _foreach_off(optimizer)
+        watch = OpWatch({p.data_ptr(): n for n, p in model.named_parameters()})
+        try:
+            with watch:
+                if rerun:
+                    _run_recorded(
+                        model, optimizer, recorded, watch=watch, scope=scope, offender=offender
                     )
-            finally:
-                _restore_groups(optimizer, saved)
-            result.op = watch.first
-            if watch.first is not None:
-                anomaly.op = watch.first["op"]
-                target = f" updating {watch.first['tensor']}" if "tensor" in watch.first else ""
-                anomaly.evidence["exact op"] = (
-                    f"{watch.first['overload']}{target} on {', '.join(watch.first['dtypes'])} "
-                    f"inputs {watch.first['input shapes']}"
-                )
+                else:
+                    watch.active = True
+                    optimizer.step()  # on the gradients the step had
+                    watch.active = False
+        finally:
+            _restore_groups(optimizer, saved)
+        result.op = watch.first
+        if watch.first is not None:
+            anomaly.op = watch.first["op"]
+            target = f" updating {watch.first['tensor']}" if "tensor" in watch.first else ""
+            anomaly.evidence["exact op"] = (
+                f"{watch.first['overload']}{target} on {', '.join(watch.first['dtypes'])} "
+                f"inputs {watch.first['input shapes']}"
+            )
         # 2. the same step in fp32.
-        result.fp32_finite = _fp32_rerun(model, optimizer, before, micro_batches, rng_state)
+        for p, g in zip(before.params, grads, strict=True):
+            p.grad = g
+        if rerun:
+            result.fp32_finite = _fp32_rerun(model, optimizer, before, recorded, rng_state)
+        else:
+            result.fp32_finite = _fp32_optimizer_rerun(optimizer, before, grads)
         if result.fp32_finite is None:
             anomaly.evidence["same step in fp32"] = (
                 "not run: an fp32 copy of a model this size would not fit beside it"
@@ -234,28 +407,22 @@ def replay_step(
                 else "non-finite too: a math problem, not precision"
             )
         # 3. the repro bundle, from the state before the step.
-        if write:
-            result.bundle = write_bundle(
-                run_dir, anomaly, cfg, model, optimizer, before, micro_batches, rng_state
-            )
+        if write_bundle is not None:
+            before.restore()
+            result.bundle = write_bundle()
     finally:
         after.restore()
+        for p, g in zip(before.params, grads, strict=True):
+            p.grad = g
         torch.set_rng_state(rng_after)
         model.train(was_training)
+        tracer.recording = was_recording
         tracer.attach()
     return result
 
 
-def _fp32_rerun(model, optimizer, before, micro_batches, rng_state) -> bool | None:
-    params = sum(p.numel() for p in model.parameters())
-    if params > 2_000_000_000:
-        return None  # an fp32 copy of a multi-billion model would not fit beside it
-    before.restore()
-    trainable_names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    twin = copy.deepcopy(model).float()
-    names = [trainable_names[id(p)] for p in before.params]
-    twin_params = dict(twin.named_parameters())
-    ordered = [twin_params[n] for n in names]
+def _twin_optimizer(optimizer, before, ordered: list[torch.nn.Parameter]):
+    """An fp32 copy of ``optimizer`` over ``ordered`` (the twins of ``before.params``)."""
     accepted = inspect.signature(type(optimizer).__init__).parameters
     group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params" and k in accepted}
     group["foreach"] = False
@@ -269,23 +436,74 @@ def _fp32_rerun(model, optimizer, before, micro_batches, rng_state) -> bool | No
                 k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                 for k, v in state.items()
             }
+    return twin_opt
+
+
+def _fp32_rerun(model, optimizer, before, recorded: RecordedStep, rng_state) -> bool | None:
+    params = sum(p.numel() for p in model.parameters())
+    if params > 2_000_000_000:
+        return None  # an fp32 copy of a multi-billion model would not fit beside it
+    before.restore()
+    trainable_names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    twin = _hookless_copy(model).float()
+    names = [trainable_names[id(p)] for p in before.params]
+    twin_params = dict(twin.named_parameters())
+    ordered = [twin_params[n] for n in names]
+    for p in ordered:
+        p.grad = None
+    twin_opt = _twin_optimizer(optimizer, before, ordered)
     if rng_state is not None:
         torch.set_rng_state(rng_state)
-    batches = [
-        {k: (v.float() if v.is_floating_point() else v) for k, v in b.items()}
-        for b in micro_batches
-    ]
-    from stabilizer.precision import PrecisionPlan
-
-    fp32 = PrecisionPlan(torch.float32, torch.float32, None, False)
-    loss = _run_step(twin, twin_opt, batches, plan=fp32, watch=None, scope="", offender=None)
+    loss = _run_recorded(
+        twin, twin_opt, recorded, watch=None, scope="optimizer", offender=None, fp32=True
+    )
     finite = math.isfinite(float(loss)) and all(bool(torch.isfinite(p).all()) for p in ordered)
     del twin, twin_opt
     return finite
 
 
-def write_bundle(run_dir, anomaly, cfg, model, optimizer, before, micro_batches, rng_state) -> Path:
-    """``runs/<name>/repro/step-N/``: batch, pre-step state, config, diagnosis."""
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _hookless_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy without module hooks: the faces' hooks hold consoles, stores and
+    locks that cannot be copied, and the twin must not record into the run anyway."""
+    memo = {}
+    for module in model.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(module, name, None)
+            if hooks is not None:
+                memo[id(hooks)] = type(hooks)()
+    return copy.deepcopy(model, memo)
+
+
+def _fp32_optimizer_rerun(optimizer, before, grads) -> bool:
+    """The update alone in fp32: fp32 copies of the pre-step weights, their gradients
+    and the optimizer state, one step, finite or not."""
+    before.restore()
+    ordered = []
+    for p, g in zip(before.params, grads, strict=True):
+        twin = torch.nn.Parameter(p.detach().float().clone())
+        twin.grad = g.detach().float().clone() if g is not None else None
+        ordered.append(twin)
+    twin_opt = _twin_optimizer(optimizer, before, ordered)
+    with torch.no_grad():
+        twin_opt.step()
+    return all(bool(torch.isfinite(p).all()) for p in ordered)
+
+
+def write_bundle(run_dir, anomaly, cfg, model, optimizer, micro_batches, rng_state) -> Path:
+    """``runs/<name>/repro/step-N/``: batch, pre-step state, config, diagnosis.
+
+    Called with the model and optimizer holding the pre-step state."""
     from safetensors.torch import save_file
 
     from stabilizer.checkpoint import save_checkpoint
@@ -298,7 +516,6 @@ def write_bundle(run_dir, anomaly, cfg, model, optimizer, before, micro_batches,
         for key, value in batch.items()
     }
     save_file(tensors, str(bundle / BATCH_FILE))
-    before.restore()
     rng_now = torch.get_rng_state()
     if rng_state is not None:
         torch.set_rng_state(rng_state)
@@ -340,84 +557,3 @@ def load_bundle(path: Path) -> dict:
     if data.get("format") != "stabilizer-repro":
         raise ConfigError(f"{manifest}: not a stabilizer repro bundle")
     return data
-
-
-def replay_bundle(path: Path, *, device: str = "cpu"):
-    """Rebuild the model, load the pre-step state and batch, run the step traced.
-
-    Returns the new diagnosis (or None if the step is clean here) after an op-level
-    and fp32 replay, exactly as during training.
-    """
-    from safetensors.torch import load_file
-
-    from stabilizer.checkpoint import list_checkpoints, load_checkpoint
-    from stabilizer.config import TrainConfig
-    from stabilizer.detector.detect import Detector, DetectorContext
-    from stabilizer.detector.policy import StateSnapshot
-    from stabilizer.precision import plan_precision
-    from stabilizer.probes.tracer import Tracer
-    from stabilizer.train import build_model, make_optimizer, resolve_device, train_step
-
-    path = Path(path)
-    data = load_bundle(path)
-    cfg = TrainConfig.from_dict({**data["config"], "device": device}, source=str(path))
-    torch_device = resolve_device(device)
-    plan = plan_precision(cfg.precision, cfg.adapter_dtype)
-    _, model = build_model(cfg, plan, torch_device)
-    optimizer = make_optimizer(model, cfg)
-    checkpoints = list_checkpoints(path)
-    if not checkpoints:
-        from stabilizer.errors import ConfigError
-
-        raise ConfigError(f"{path}: the bundle has no checkpoint of the pre-step state")
-    load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer)
-    tensors = load_file(str(path / BATCH_FILE))
-    batches = []
-    for i in range(int(data["micro_batches"])):
-        prefix = f"{i}."
-        batches.append(
-            {
-                k[len(prefix) :]: v.to(torch_device)
-                for k, v in tensors.items()
-                if k.startswith(prefix)
-            }
-        )
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    tracer = Tracer(model, optimizer=optimizer, pattern=cfg.probe).attach()
-    dtype = str(plan.autocast_dtype or plan.base_dtype).replace("torch.", "")
-    detector = Detector(tracer, DetectorContext(compute_dtype=dtype, adam_eps=cfg.adam_eps))
-    before = StateSnapshot(trainable, optimizer)
-    before.capture()
-    rng = torch.get_rng_state()
-    step = int(data["step"])
-    try:
-        tracer.begin_step(step, full=True)
-        loss, grad_norm = train_step(
-            model,
-            batches,
-            optimizer=optimizer,
-            scaler=None,
-            plan=plan,
-            trainable=trainable,
-            max_grad_norm=cfg.max_grad_norm,
-            before_update=tracer.measure_grads,
-        )
-        record = tracer.end_step(loss=loss, grad_norm=grad_norm)
-        anomaly = detector.check(record)
-        if anomaly is not None:
-            replay_step(
-                model=model,
-                optimizer=optimizer,
-                before=before,
-                micro_batches=batches,
-                anomaly=anomaly,
-                tracer=tracer,
-                rng_state=rng,
-                run_dir=path,
-                cfg=cfg,
-                write=False,
-            )
-        return anomaly, data["anomaly"]
-    finally:
-        tracer.close()

@@ -1,20 +1,21 @@
-"""``--trace`` inside the training loop: probes, store, detector and policy, step by step.
+"""The tracing core: probes, store, detector and policy around one training run.
 
-    session = TraceSession(model=model, optimizer=optimizer, scheduler=scheduler,
-                           trainable=trainable, settings=TraceSettings.from_train_config(cfg),
-                           run_dir=run_dir, console=console, compute_dtype="float32",
-                           uses_grad_scaler=False)
-    for step ...:
-        session.begin_step(step)
-        loss, grad_norm = train_step(..., before_update=session.before_update)
-        accepted = session.end_step(step, loss, grad_norm, micro_batches, lr)
-        if accepted:
-            scheduler.step()
+Every face sits on this: ``stabilizer.watch`` (a user's own loop),
+``stabilizer train --trace`` (our loop) and the transformers ``StabilizerCallback``.
+A face says where a step begins and ends and hands over what it has seen; only
+``model`` and ``optimizer`` are required, everything else is learned from them:
+
+    session = TraceSession(model=model, optimizer=optimizer)   # trainable tensors,
+    session.begin_step(0)                                     # Adam's eps: from the optimizer
+    ...forward, backward...; session.before_update(); optimizer.step()
+    accepted, record = session.end_step(0, loss)
     session.close()
 
 Every action is logged in the store and printed. A skipped step is said out
 loud (AMP's GradScaler skips silently), and ``max_anomalies`` stops the run
-with the diagnosis instead of skipping forever.
+with the diagnosis instead of skipping forever. Early warnings (nothing
+non-finite yet) are printed and kept, never a stop unless ``on_warning`` is
+"raise"; the NaN/Inf that follows names the warning that predicted it.
 
 Under torchrun (``ranks`` given) each rank traces its own replica into its own
 store, and every step the ranks agree on one verdict (one small host-side
@@ -25,6 +26,7 @@ anomaly naming the rank where it was born.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,13 +42,55 @@ from stabilizer.data.collate import IGNORE_INDEX
 from stabilizer.detector.detect import Detector, DetectorContext
 from stabilizer.detector.diagnosis import CAUSES, Anomaly, make_anomaly
 from stabilizer.detector.policy import ClampOutput, NumericalAnomalyError, StateSnapshot
+from stabilizer.detector.replay import RecordedStep, ReplayUnavailable
 from stabilizer.distributed import RankGroup, RankVerdict, StepAgreement
+from stabilizer.errors import ConfigError
 from stabilizer.probes.schema import PASSES, TENSOR_STATS
 from stabilizer.probes.tracer import StepRecord, Tracer
 from stabilizer.store import ModuleInfo, ParamInfo, StepData, TraceStore, store_path
 
 _CAUSE_IDS = list(CAUSES)
 _GRADSCALER_PATIENCE = 5  # consecutive AMP skips before a run counts it as an anomaly
+# Above this many trainable elements the per-step snapshot (weights + Adam state, ~3x)
+# is not taken just for the replay: a full fine-tune of a large model would not fit it.
+_SNAPSHOT_LIMIT = 200_000_000
+_COMPUTE_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def compute_dtype_name(value: str | torch.dtype) -> str:
+    """``torch.float16`` / "fp16" / "float16" -> "float16"; anything else is an error."""
+    name = str(value).removeprefix("torch.")
+    if name not in _COMPUTE_DTYPES:
+        raise ConfigError(
+            f"compute_dtype {value!r}: use torch.float32, torch.bfloat16 or torch.float16 "
+            "(or their names)"
+        )
+    return _COMPUTE_DTYPES[name]
+
+
+def trainable_of(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    """The tensors the optimizer updates, in param-group order, each once."""
+    seen: set[int] = set()
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen and p.requires_grad:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def adam_eps_of(optimizer: torch.optim.Optimizer) -> float | None:
+    eps = optimizer.param_groups[0].get("eps") if optimizer.param_groups else None
+    return float(eps) if isinstance(eps, (int, float)) else None
 
 
 @dataclass
@@ -64,31 +108,38 @@ class TraceSession:
         *,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler,
-        trainable: list[torch.nn.Parameter],
-        settings: TraceSettings,
-        run_dir: Path,
-        console: Console,
-        compute_dtype: str,
-        uses_grad_scaler: bool,
+        scheduler=None,
+        trainable: list[torch.nn.Parameter] | None = None,
+        settings: TraceSettings | None = None,
+        run_dir: Path | str = Path("runs/trace"),
+        console: Console | None = None,
+        compute_dtype: str | torch.dtype = "float32",
+        uses_grad_scaler: bool = False,
         meta: dict | None = None,
         resume_from: int | None = None,
         train_config: TrainConfig | None = None,
         ranks: RankGroup | None = None,
     ) -> None:
-        """``train_config`` is what a repro bundle needs to rebuild the run (replay writes
-        one only with it); ``meta`` goes into the store (the run's config); ``ranks`` is
-        the torchrun group, None in a single process."""
+        """Only ``model`` and ``optimizer`` are required. ``trainable`` defaults to the
+        optimizer's tensors, ``settings.adam_eps`` to the optimizer's eps; without a
+        ``scheduler`` rollback lowers the optimizer's learning rates directly.
+        ``train_config`` lets the replay write a repro bundle (``stabilizer train``);
+        ``meta`` goes into the store; ``ranks`` is the torchrun group."""
+        settings = settings or TraceSettings()
+        if settings.adam_eps is None:
+            settings = dataclasses.replace(settings, adam_eps=adam_eps_of(optimizer))
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.settings = settings
         self.train_config = train_config
-        self.console = console
-        self.run_dir = run_dir
+        # Stderr: stdout may be the user's own output (a table, a JSON stream).
+        self.console = console if console is not None else Console(stderr=True)
+        self.run_dir = Path(run_dir)
         self.uses_grad_scaler = uses_grad_scaler
         self.ranks = ranks
         self.rank = ranks.rank if ranks is not None else 0
+        trainable = trainable if trainable is not None else trainable_of(optimizer)
         self.tracer = Tracer(
             model,
             optimizer=optimizer,
@@ -99,19 +150,21 @@ class TraceSession:
         self.detector = Detector(
             self.tracer,
             DetectorContext(
-                compute_dtype=compute_dtype,
+                compute_dtype=compute_dtype_name(compute_dtype),
                 adam_eps=settings.adam_eps,
                 uses_grad_scaler=uses_grad_scaler,
             ),
         )
         self.store = self._open_store(meta or {}, resume_from)
         self.policy = settings.on_anomaly
-        # Replay needs the pre-step state, and a TrainConfig to rebuild the run from.
-        replays = settings.replay and train_config is not None
-        self.needs_snapshot = self.policy in ("skip", "clip", "rollback") or replays
+        # The replay starts from the pre-step state; skip/clip/rollback restore it.
+        small = sum(p.numel() for p in trainable) <= _SNAPSHOT_LIMIT
+        self.replays = settings.replay and small
+        self.needs_snapshot = self.policy in ("skip", "clip", "rollback") or self.replays
         self.before = StateSnapshot(trainable, optimizer)
         self.good = StateSnapshot(trainable, optimizer)
         self.summary = SessionSummary()
+        self.replaying = False  # True while the replay re-runs a step (faces ignore it)
         self._clamps: list[ClampOutput] = []
         self._amp_skips_in_a_row = 0
         self._clean_since_good = 0
@@ -155,48 +208,100 @@ class TraceSession:
     def end_step(
         self,
         step: int,
-        loss: torch.Tensor,
-        grad_norm: torch.Tensor | float | None,
-        micro_batches: list[dict[str, torch.Tensor]] | None,
-        lr: float,
+        loss: torch.Tensor | float | None,
+        grad_norm: torch.Tensor | float | None = None,
+        micro_batches: list[dict[str, torch.Tensor]] | None = None,
+        lr: float | None = None,
+        *,
+        label_tokens: torch.Tensor | None = None,
+        recorded: RecordedStep | None = None,
+        extra: dict[str, torch.Tensor | float] | None = None,
+        scaler_skipped: bool = False,
     ) -> tuple[bool, StepRecord]:
         """Check the step; apply the policy. Returns (accepted, record).
 
-        ``micro_batches`` (the step's inputs) let the record count label tokens and the
-        replay re-run the step; None when the caller does not have them (a Trainer).
+        ``label_tokens``: the fewest label tokens of any micro-batch (0: a NaN loss is
+        "all labels masked"); counted from ``micro_batches`` when they are given.
+        ``recorded``: what the replay re-runs (None: only an optimizer-pass anomaly can
+        be replayed, from the gradients the optimizer still holds).
+        ``scaler_skipped``: the GradScaler refused this step's update (said out loud).
         """
-        extra = {}
-        if micro_batches:
-            extra["label_tokens"] = sum(
-                (b["labels"] != IGNORE_INDEX).sum() for b in micro_batches if "labels" in b
-            )
+        extra = dict(extra or {})
+        if label_tokens is None and micro_batches:
+            counts = [(b["labels"] != IGNORE_INDEX).sum() for b in micro_batches if "labels" in b]
+            label_tokens = torch.stack(counts).min() if counts else None
+        if label_tokens is not None:
+            extra["label_tokens"] = label_tokens
+        if lr is None:
+            lr = float(self.optimizer.param_groups[0]["lr"])
         record = self.tracer.end_step(loss=loss, lr=lr, grad_norm=grad_norm, extra=extra)
         anomaly = self.detector.check(record)
         if self.ranks is not None:
             anomaly = self._agree(anomaly, record)
-        # An early warning says "nothing is non-finite yet": never beside an anomaly.
-        for warning in self.detector.warnings(record) if anomaly is None else []:
-            self.summary.warnings.append(warning)
-            self._append_anomaly(warning)
-            rank = f" (rank {self.rank})" if self.ranks is not None else ""
-            self.console.print(f"[yellow]early warning{rank}:[/] {warning.card()}")
         status, accepted = "ok", True
         try:
+            # An early warning says "nothing is non-finite yet": never beside an anomaly.
+            for warning in self.detector.warnings(record) if anomaly is None else []:
+                self._warn(warning, record)
             if anomaly is not None and self._is_amp_skip(anomaly, record):
                 # GradScaler already refused the update; the schedule must not advance either.
                 status, accepted = "skipped", False
             elif anomaly is not None:
                 self._amp_skips_in_a_row = 0
-                status, accepted = self._handle(anomaly, record, micro_batches)
+                self._predicted_by(anomaly)
+                status, accepted = self._handle(anomaly, record, recorded)
+            elif scaler_skipped:
+                self._amp_skip_unexplained(record)
+                status, accepted = "skipped", False
         except NumericalAnomalyError:
             # The step that stops the run is the one a reader looks at first: keep it.
             self._append_step(_step_data(record, "stopped"))
             raise
-        if anomaly is None:
+        if anomaly is None and not scaler_skipped:
             self._amp_skips_in_a_row = 0
             self._maybe_keep_good()
         self._append_step(_step_data(record, status))
         return accepted, record
+
+    def _warn(self, warning: Anomaly, record: StepRecord) -> None:
+        self.summary.warnings.append(warning)
+        self._append_anomaly(warning)
+        rank = f" (rank {self.rank})" if self.ranks is not None else ""
+        self.console.print(
+            Panel(
+                _plain(warning.card()),
+                title=f"stabilizer: early warning{rank}",
+                border_style="yellow",
+            )
+        )
+        if self.settings.on_warning == "raise":
+            self._act(record.step, "raise", "stopping on the first warning (on_warning=raise)")
+            raise NumericalAnomalyError(warning, f"training stopped at step {record.step}")
+
+    def _predicted_by(self, anomaly: Anomaly) -> None:
+        """Name the earlier warning that foretold this NaN/Inf: the same module's if
+        there is one, else the first warning of the run."""
+        earlier = [w for w in self.summary.warnings if w.step <= anomaly.step]
+        if not earlier:
+            return
+        same = [w for w in earlier if w.module_index == anomaly.module_index]
+        warning = (same or earlier)[-1 if same else 0]
+        ahead = anomaly.step - warning.step
+        anomaly.evidence["predicted by"] = (
+            f"the warning of step {warning.step} ({warning.cause}"
+            f"{', ' + warning.module if warning.module else ''}), {ahead} step(s) ahead"
+        )
+
+    def _amp_skip_unexplained(self, record: StepRecord) -> None:
+        """The GradScaler skipped a step whose probed modules were all finite."""
+        self._amp_skips_in_a_row += 1
+        detail = (
+            f"GradScaler skipped step {record.step}: non-finite gradients outside the probed "
+            f"modules; {self._amp_skips_in_a_row} in a row"
+        )
+        self._log_action(record.step, "skip", detail)
+        if self.rank == 0:
+            self.console.print(f"[yellow]{_plain(detail)}[/]")
 
     def _agree(self, local: Anomaly | None, record: StepRecord) -> Anomaly | None:
         """Every rank's verdict on this step; the anomaly this rank acts on (or None).
@@ -286,18 +391,18 @@ class TraceSession:
         self.summary.anomalies.append(anomaly)
         self._append_anomaly(anomaly)
 
-    def _handle(self, anomaly: Anomaly, record: StepRecord, micro_batches) -> tuple[str, bool]:
+    def _handle(
+        self, anomaly: Anomaly, record: StepRecord, recorded: RecordedStep | None
+    ) -> tuple[str, bool]:
         first = not self.summary.anomalies
-        replayable = micro_batches and self.train_config is not None and self.before.ready
-        replayable = replayable and anomaly.cause != "other-rank"  # born elsewhere
-        if first and self.settings.replay and replayable:
-            self._replay(anomaly, record, micro_batches)
+        if first and self.replays and self.before.ready and anomaly.cause != "other-rank":
+            anomaly = self._replay(anomaly, record, recorded)
         self._record_anomaly(anomaly, record)
         if anomaly.cause != "other-rank":
             where = f" on rank {self.rank}" if self.ranks is not None else ""
             self.console.print(
                 Panel(
-                    anomaly.card(),
+                    _plain(anomaly.card()),
                     title=f"stabilizer: anomaly {len(self.summary.anomalies)}{where}",
                     border_style="red",
                 )
@@ -345,18 +450,26 @@ class TraceSession:
             self.before.restore()
         self.detector.weights_restored()
         factor = self.settings.rollback_lr_factor
-        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
         # The schedule does not advance on this step, so the lower rate must also reach
         # the optimizer now: the very next step is the one that must not diverge again.
+        # Without a scheduler this is the whole of it.
         for group in self.optimizer.param_groups:
             group["lr"] *= factor
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if self.scheduler is not None:
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        peak = (
+            self.scheduler.base_lrs[0]
+            if self.scheduler is not None and hasattr(self.scheduler, "base_lrs")
+            else self.optimizer.param_groups[0]["lr"]
+        )
         self.summary.rolled_back_steps.append(record.step)
         self._act(
             record.step,
             "rollback",
             f"restored the last good adapter and optimizer state; learning rate x"
-            f"{self.settings.rollback_lr_factor} (peak now {self.scheduler.base_lrs[0]:.3g})",
+            f"{self.settings.rollback_lr_factor} (peak now {peak:.3g})",
         )
         return "rolled_back", False
 
@@ -393,29 +506,53 @@ class TraceSession:
         if self.sink is not None:
             self.sink.write_action({"step": step, "action": action, "detail": detail})
 
-    def _replay(self, anomaly: Anomaly, record: StepRecord, micro_batches) -> None:
-        from stabilizer.detector.replay import replay_step
+    def _replay(
+        self, anomaly: Anomaly, record: StepRecord, recorded: RecordedStep | None
+    ) -> Anomaly:
+        """The op-level and fp32 re-run of this step; returns the (sharpened) anomaly."""
+        from stabilizer.detector.replay import replay_step, write_bundle
+
+        writer = None
+        if self.train_config is not None and recorded is not None and recorded.calls:
+
+            def writer() -> Path:
+                return write_bundle(
+                    self.run_dir,
+                    anomaly,
+                    self.train_config,
+                    self.model,
+                    self.optimizer,
+                    recorded.batches(),
+                    self._rng_before,
+                )
 
         started = time.perf_counter()
+        self.replaying = True
         try:
             result = replay_step(
                 model=self.model,
                 optimizer=self.optimizer,
                 before=self.before,
-                micro_batches=micro_batches,
                 anomaly=anomaly,
                 tracer=self.tracer,
                 rng_state=self._rng_before,
-                run_dir=self.run_dir,
-                cfg=self.train_config,
+                recorded=recorded,
+                write_bundle=writer,
             )
+        except ReplayUnavailable as why:
+            anomaly.evidence["replay"] = f"not run: {why}"
+            return anomaly
         except Exception as exc:  # a failed replay must not hide the anomaly itself
             anomaly.evidence["replay"] = f"failed: {type(exc).__name__}: {exc}"
-            return
+            return anomaly
+        finally:
+            self.replaying = False
         anomaly.evidence["replay seconds"] = round(time.perf_counter() - started, 2)
-        if result is not None and result.bundle is not None:
+        anomaly = self.detector.refine(anomaly, result.op)
+        if result.bundle is not None:
             self.summary.bundle = result.bundle
             self._act(record.step, "replay", f"repro bundle saved to {result.bundle}")
+        return anomaly
 
     def close(self) -> None:
         for clamp in self._clamps:
@@ -431,6 +568,13 @@ class TraceSession:
 
         log_dir = self.run_dir / "tensorboard" / f"rank{self.rank}"
         return TensorBoardSink(log_dir, self.store.modules(), self.store.params())
+
+
+def _plain(text: str) -> str:
+    """Text for rich that is never read as markup (module names, data strings)."""
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _step_data(record: StepRecord, status: str) -> StepData:

@@ -71,8 +71,9 @@ the refused one had. ``global_step`` still counts the refused step, as
 
 Limits: one process or torchrun (DDP); DataParallel (several GPUs without
 torchrun), DeepSpeed, FSDP and ``torch_compile`` are refused with a message.
-The op-level replay of ``stabilizer train`` is off (it needs the loop's batches
-and a ``TrainConfig``). An exception that is not stabilizer's (out of memory,
+The op-level and fp32 replay runs for an optimizer-pass anomaly (from the
+gradients Trainer stepped on); forward and backward anomalies are not replayed
+(Trainer's forwards are not recorded). An exception that is not stabilizer's (out of memory,
 Ctrl-C) reaches no callback: the store stays readable (one commit per step),
 and ``callback.close()`` or ``with StabilizerCallback(...) as cb:`` removes the
 hooks and writes the report.
@@ -94,7 +95,9 @@ from transformers import TrainerCallback
 
 from stabilizer.config import TraceSettings
 from stabilizer.detector.policy import NumericalAnomalyError
+from stabilizer.detector.replay import RecordedStep
 from stabilizer.errors import ConfigError
+from stabilizer.watcher import _unwrap_optimizer
 
 _SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -144,7 +147,6 @@ class StabilizerCallback(TrainerCallback):
                 on_anomaly=on_anomaly,
                 max_anomalies=max_anomalies,
                 rollback_lr_factor=rollback_lr_factor,
-                replay=False,  # replay re-runs the loop's batches from a TrainConfig
                 tensorboard=tensorboard,
             )
             if probe is not None:
@@ -259,10 +261,17 @@ class StabilizerCallback(TrainerCallback):
             return
         self._in_step = False
         scheduler = kwargs.get("lr_scheduler")
-        micro_batches = [{"labels": labels} for labels in self._labels] or None
+        counts = [(labels != -100).sum() for labels in self._labels]
         try:
+            # No recorded forwards: an optimizer-pass anomaly is replayed from the gradients
+            # Trainer stepped on; a forward/backward one says why it was not.
             accepted, _ = self.session.end_step(
-                self._step, self._step_loss(), self._grad_norm, micro_batches, self._lr(scheduler)
+                self._step,
+                self._step_loss(),
+                self._grad_norm,
+                lr=self._lr(scheduler),
+                label_tokens=torch.stack(counts).min() if counts else None,
+                recorded=RecordedStep(why_not="Trainer's forwards are not recorded"),
             )
         except BaseException as exc:
             # NumericalAnomalyError (raise, or too many anomalies): it reaches the user
@@ -413,14 +422,6 @@ def _unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     from accelerate.utils import extract_model_from_parallel
 
     return extract_model_from_parallel(model, keep_torch_compile=True)
-
-
-def _unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
-    # accelerate's AcceleratedOptimizer never runs torch's step hooks itself: they must be
-    # registered on the torch optimizer it wraps, whose step() it calls.
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def _rank_group(args):

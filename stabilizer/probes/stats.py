@@ -146,3 +146,22 @@ def first_float_tensor(value) -> torch.Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+def output_tensor(value) -> torch.Tensor | None:
+    """The tensor that stands for a module's output: its first floating-point tensor,
+    but never the ``loss`` of a ``ModelOutput`` / dict.
+
+    A model (or a wrapper of one, like peft's) that returns its loss first would
+    otherwise have its output judged by the loss, and a loss-only NaN (every label
+    masked) would look like that module's forward making NaN.
+    """
+    if isinstance(value, dict):  # ModelOutput is an OrderedDict
+        for key, item in value.items():
+            if key == "loss":
+                continue
+            found = first_float_tensor(item)
+            if found is not None:
+                return found
+        return None
+    return first_float_tensor(value)

@@ -48,6 +48,7 @@ from stabilizer.probes.stats import (
     finish_stats,
     finite_flag,
     first_float_tensor,
+    output_tensor,
     tensor_stats,
 )
 
@@ -159,8 +160,13 @@ def _in_backward() -> bool:
 
 def select_modules(model: nn.Module, pattern: str | None = None) -> list[tuple[str, nn.Module]]:
     """The modules to probe: ``pattern`` (full match on names without peft's prefix),
-    the InstructBLIP/BLIP-2 preset when the model has a Q-Former, else every leaf
-    module that owns parameters."""
+    the InstructBLIP/BLIP-2 preset when the model has a Q-Former, else every module
+    but the root.
+
+    Parameter-less modules are probed too: a user's attention-pooling head may own
+    no weights and still be where a fully masked softmax row makes the NaN. The root
+    is left out because its output is usually the loss, and a loss-only NaN (all
+    labels masked) is the loss pass's, not the forward's."""
     named = list(model.named_modules())
     if pattern is not None:
         try:
@@ -176,11 +182,7 @@ def select_modules(model: nn.Module, pattern: str | None = None) -> list[tuple[s
     if any(strip_peft(n) == "qformer" for n, _ in named):
         regex = re.compile("|".join(f"(?:{p})" for p in QFORMER_PROBES))
         return [(n, m) for n, m in named if n and regex.fullmatch(strip_peft(n))]
-    return [
-        (n, m)
-        for n, m in named
-        if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))
-    ]
+    return [(n, m) for n, m in named if n]
 
 
 class Tracer:
@@ -250,6 +252,15 @@ class Tracer:
         self._full = False
         self._reset_step_buffers()
         self._attached = False
+        # False while the model runs outside training (an evaluation forward inside a
+        # watched loop): hooks then record nothing.
+        self.recording = True
+        # Called at the first hook of a step that nobody began (``stabilizer.watch``
+        # delimits steps by the optimizer's own step, and begins one lazily here).
+        self.on_unbegun_step = None
+        # Called at the first forward hook after a backward within a begun step (the next
+        # micro-batch, or a step the GradScaler skipped and nobody ended).
+        self.on_forward_after_backward = None
 
     # -- lifecycle ---------------------------------------------------------------
     def attach(self) -> Tracer:
@@ -291,11 +302,17 @@ class Tracer:
         self._scores: list[tuple[int, torch.Tensor]] = []
         self._inputs: list[tuple[str, torch.Tensor]] = []
         self._last_qk: dict[tuple[str, str], torch.Tensor] = {}
-        self._grad_in_tensors: dict[int, list[int]] = {}
+        self._grad_in_tensors: dict[int, tuple[weakref.ref, list[int]]] = {}
         self._param_device: dict[str, torch.Tensor] = {}
         self._snapshot: list[torch.Tensor] | None = None
         self._optimizer_stepped = False
         self._measured: dict[int, tuple[weakref.ref, int | None, torch.Tensor]] = {}
+        # What the step ran in: output dtypes of probed modules, autocast at its first hook.
+        self.output_dtypes: set[torch.dtype] = set()
+        self.autocast_dtype: torch.dtype | None = None
+        self._autocast_known = False
+        self._begun = False
+        self._after_backward = False
 
     def begin_step(self, step: int, *, full: bool | None = None) -> None:
         """Start recording step ``step`` (full statistics every ``trace_every`` steps)."""
@@ -305,6 +322,40 @@ class Tracer:
         self._reset_step_buffers()
         self._step = step
         self._full = (step % self.trace_every == 0) if full is None else full
+        self._begun = True
+
+    @property
+    def step_begun(self) -> bool:
+        """True between ``begin_step`` and ``end_step``."""
+        return self._begun
+
+    def _ready(self, tensor: torch.Tensor | None = None) -> bool:
+        """Whether a hook should record now; begins a step lazily when asked to."""
+        if not self.recording:
+            return False
+        if self._after_backward and tensor is not None:
+            self._after_backward = False
+            if self.on_forward_after_backward is not None:
+                self.on_forward_after_backward()
+        if not self._begun and self.on_unbegun_step is not None:
+            self.on_unbegun_step()
+        if not self._autocast_known and tensor is not None:
+            # Read once per step: the precision the step's forward runs in.
+            self._autocast_known = True
+            device = tensor.device.type
+            if torch.is_autocast_enabled(device):
+                self.autocast_dtype = torch.get_autocast_dtype(device)
+        return True
+
+    def compute_dtype(self) -> str:
+        """The dtype this step's activations were computed in, as the hooks saw it:
+        autocast's when it was on, else the narrowest float the probed modules output."""
+        if self.autocast_dtype is not None:
+            return str(self.autocast_dtype).removeprefix("torch.")
+        for dtype in (torch.float16, torch.bfloat16):
+            if dtype in self.output_dtypes:
+                return str(dtype).removeprefix("torch.")
+        return "float32"
 
     @property
     def full(self) -> bool:
@@ -312,6 +363,8 @@ class Tracer:
 
     # -- hooks ---------------------------------------------------------------------
     def _record(self, site: str, index: int, tensor: torch.Tensor) -> None:
+        if site.startswith("grad"):
+            self._after_backward = True
         if index not in self._seen[site]:
             self._seen[site].add(index)
             self._order[site].append(index)
@@ -344,7 +397,7 @@ class Tracer:
             tensor = first_float_tensor(args) if args else None
             if tensor is None:
                 tensor = first_float_tensor(kwargs)
-            if tensor is None:
+            if tensor is None or not self._ready(tensor):
                 return None
             self._record("fwd_in", index, tensor)
             if tensor.requires_grad and torch.is_grad_enabled():
@@ -356,13 +409,16 @@ class Tracer:
     def _watch_grad_in(self, tensor: torch.Tensor, index: int) -> None:
         # One tensor often feeds several modules (hidden states -> query, key, value):
         # hook it once and credit the gradient to each of them.
+        # Keyed by id, checked by a weak reference: a tensor that died within the step
+        # leaves its id to a new one (CPython reuses it at once), and the new tensor's
+        # gradient must get a hook of its own, not be credited to the dead one's owners.
         key = id(tensor)
-        owners = self._grad_in_tensors.get(key)
-        if owners is not None:
-            owners.append(index)
+        entry = self._grad_in_tensors.get(key)
+        if entry is not None and entry[0]() is tensor:
+            entry[1].append(index)
             return
         owners = [index]
-        self._grad_in_tensors[key] = owners
+        self._grad_in_tensors[key] = (weakref.ref(tensor), owners)
 
         def grad_hook(grad):
             for owner in owners:
@@ -376,9 +432,10 @@ class Tracer:
         def hook(module, args, output):
             if _in_backward():
                 return None
-            tensor = first_float_tensor(output)
-            if tensor is None:
+            tensor = output_tensor(output)
+            if tensor is None or not self._ready(tensor):
                 return None
+            self.output_dtypes.add(tensor.dtype)
             self._record("fwd_out", index, tensor)
             if self._full and self.attention_scores:
                 self._note_attention(module, index, info, tensor)
@@ -416,7 +473,7 @@ class Tracer:
         self._scores.append((index, scores.amax()))
 
     def _input_hook(self, module, args, kwargs):
-        if _in_backward():
+        if _in_backward() or not self._ready():
             return None
         for name, value in list(kwargs.items()) + [(f"arg{i}", a) for i, a in enumerate(args)]:
             if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -513,6 +570,7 @@ class Tracer:
             layout.append(("param", stat, value.numel()))
         # The deliberate sync of the step.
         flat = torch.cat([p.to(device) for p in parts]).cpu().numpy()
+        self._begun = False
         return self._build_record(flat, layout, lr)
 
     def _device(self, loss) -> torch.device:
