@@ -8,6 +8,10 @@ Modes, interleaved in one process on the same model and batch:
 | trace-full      | --trace with full statistics every step (trace_every=1) + the detector  |
 | trace-full-compiled | as trace-full with --compile-stats (torch.compile fuses the stats)  |
 | trace-check     | --trace with only the per-module NaN/Inf check (full stats never)       |
+| watch-full      | ``stabilizer.watch`` left on around the same loop (a copy of the model), |
+|                 | full statistics every step, with what a user gets by default: the trace |
+|                 | store written every step and the pre-step snapshot for the replay       |
+| watch-check     | as watch-full with full statistics on the first step only               |
 | debug-overflow  | transformers' DebugUnderflowOverflow on a copy of the model             |
 | detect-anomaly  | torch.autograd.detect_anomaly() around forward and backward             |
 
@@ -23,6 +27,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_loop import machine_description, save_result, sync, time_block  # noqa: E402
 
+import stabilizer  # noqa: E402
 from stabilizer.config import TrainConfig  # noqa: E402
 from stabilizer.data import load_samples  # noqa: E402
 from stabilizer.detector.detect import Detector, DetectorContext  # noqa: E402
@@ -47,6 +53,8 @@ MODES = (
     "trace-full",
     "trace-full-compiled",
     "trace-check",
+    "watch-full",
+    "watch-check",
     "debug-overflow",
     "detect-anomaly",
 )
@@ -122,7 +130,32 @@ def main(argv: list[str] | None = None) -> dict:
 
         return run
 
+    watches = []
+    scratch = tempfile.TemporaryDirectory(prefix="bench-watch-")
+
+    def watched(kind: str):
+        # Its own copy of the model, watched for the whole benchmark (the way a user
+        # leaves it on), so its hooks never touch the other modes' steps.
+        from rich.console import Console
+
+        twin = copy.deepcopy(model)
+        twin_params = [p for p in twin.parameters() if p.requires_grad]
+        twin_opt = make_optimizer(twin, cfg)
+        watch = stabilizer.watch(
+            twin,
+            twin_opt,
+            trace_every=1 if kind == "full" else 10**9,
+            report=False,
+            run_dir=Path(scratch.name) / kind,
+            console=Console(quiet=True),
+        ).start()
+        watches.append(watch)
+        return lambda: (plain_step(twin, twin_opt, twin_params), sync(device))
+
     runners = {"untraced": lambda: (plain_step(), sync(device))}
+    for kind in ("full", "check"):
+        if f"watch-{kind}" in modes:
+            runners[f"watch-{kind}"] = watched(kind)
     runners["trace-full"] = traced("full")
     if "trace-full-compiled" in modes:
         runners["trace-full-compiled"] = traced("full-compiled")
@@ -171,6 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     for mode, error in failed.items():
         rows.append({"mode": mode, "error": error})
         print(json.dumps(rows[-1]), flush=True)
+    for watch in watches:
+        watch.close()
+    scratch.cleanup()
     tracer = tracers["full"]
     result = {
         "benchmark": "trace",

@@ -42,6 +42,8 @@ class Fault(nn.Module):
             return torch.log(x - x.abs().max() - 1.0)
         if self.kind == "gain":
             return x * 1e6
+        if self.kind == "exp":
+            return torch.exp(x * 1e3)  # +Inf in fp32; the next Linear makes inf-inf = NaN
         return x
 
 
@@ -117,6 +119,29 @@ def test_invalid_math_in_a_plain_loop_names_step_pass_module_cause_and_op(tmp_pa
     assert (tmp_path / "run" / "report.html").is_file()
 
 
+def test_an_fp32_overflow_then_inf_minus_inf_is_an_overflow_not_invalid_math(tmp_path):
+    model = Regressor()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(stabilizer.NumericalAnomalyError) as info:
+        plain_loop(model, opt, batches(), fault_at=1, kind="exp", run_dir=tmp_path / "run")
+    a = info.value.anomaly
+    assert (a.step, a.pass_, a.module_path, a.cause) == (1, "forward", "fault", "float-overflow")
+    assert a.op == "exp"
+    assert "not invalid math" in a.summary
+
+
+def test_a_nan_in_the_batch_is_the_input_pass(tmp_path):
+    model = Regressor()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = batches(3)
+    data[1]["x"][0, 0] = math.nan
+    with pytest.raises(stabilizer.NumericalAnomalyError) as info:
+        plain_loop(model, opt, data, run_dir=tmp_path / "run")
+    a = info.value.anomaly
+    assert (a.step, a.pass_, a.cause) == (1, "input", "nonfinite-input")
+    assert a.evidence["non-finite inputs"] == ["x"]
+
+
 def test_a_huge_learning_rate_without_a_scaler_warns_and_names_no_gradscaler(tmp_path):
     model = Regressor()
     opt = torch.optim.SGD(model.parameters(), lr=1e4)
@@ -139,6 +164,8 @@ def test_the_nan_names_the_warning_that_predicted_it(tmp_path):
         plain_loop(model, opt, batches(30), run_dir=tmp_path / "run")
     a = info.value.anomaly
     assert a.step > 0 and not a.warning
+    # The loss overflowed after the weights grew by orders of magnitude: divergence.
+    assert (a.pass_, a.cause) == ("loss", "divergence-overflow")
     assert "the warning of step 0 (update-too-large" in a.evidence["predicted by"]
     assert f"{a.step} step(s) ahead" in a.evidence["predicted by"]
 

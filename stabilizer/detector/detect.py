@@ -175,10 +175,22 @@ class Detector:
         if label_tokens is not None and label_tokens == 0:
             anomaly = make_anomaly(record.step, "loss", "all-labels-masked")
             anomaly.evidence["label tokens in batch"] = 0
+        elif (growth := self.weight_growth()) is not None and growth[1] >= 10.0:
+            # Finite activations, an infinite loss, weights many times what they were:
+            # the loss of a diverged model overflowed.
+            anomaly = make_anomaly(
+                record.step,
+                "loss",
+                "divergence-overflow",
+                dtype="the loss's dtype",
+                op=" in the loss",
+                growth=growth[1],
+                since=growth[0],
+            )
         else:
             anomaly = make_anomaly(record.step, "loss", "loss-overflow")
-            if label_tokens is not None:
-                anomaly.evidence["label tokens in batch"] = int(label_tokens)
+        if anomaly.cause != "all-labels-masked" and label_tokens is not None:
+            anomaly.evidence["label tokens in batch"] = int(label_tokens)
         anomaly.evidence["loss"] = record.loss
         return anomaly
 

@@ -137,7 +137,8 @@ CAUSES: dict[str, Cause] = {
         Cause(
             "loss-overflow",
             "every probed activation was finite but the loss was not",
-            "Probe the LM too (--probe '.*'), or compute the loss in fp32",
+            "Compute the loss in fp32 (upcast the logits) and check the targets' range; "
+            "if the loss is computed in an unprobed module, probe it (--probe '.*')",
         ),
         Cause(
             "layernorm-backward",
