@@ -376,15 +376,16 @@ class Watch:
         why = None
         if not self._calls:
             why = "the model itself was not called this step (a custom forward of its parts)"
-        elif self._user_loss:
-            why = "the loss was computed outside the model"
+        # The user's divisor (gradient accumulation) is unknown: 1.0 changes the size of
+        # the replayed gradients, not where they first go non-finite.
         return RecordedStep(
-            calls=self._calls if why is None else [],
+            calls=self._calls,
             autocast=autocast,
             loss_divisor=1.0,
             grad_scale=self._grad_scale,
             unscaled=not self._misused,
             why_not=why,
+            forward_only="the loss was computed outside the model" if self._user_loss else None,
         )
 
     # -- the end --------------------------------------------------------------------------------

@@ -449,6 +449,22 @@ def test_a_fully_masked_row_in_a_users_pooling_head_is_its_own_cause(tmp_path):
     assert "finfo(dtype).min" in a.fix
 
 
+def test_with_the_loss_outside_the_model_the_forward_is_still_replayed(tmp_path):
+    model = Classifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with (
+        pytest.raises(stabilizer.NumericalAnomalyError) as info,
+        stabilizer.watch(model, opt, console=quiet(), run_dir=tmp_path / "run") as watch,
+    ):
+        for batch in classifier_batches(empty_row_at=1):
+            logits = model(batch["ids"], batch["mask"])["logits"]
+            watch.loss(F.cross_entropy(logits, batch["labels"])).backward()
+            opt.step()
+            opt.zero_grad()
+    a = info.value.anomaly
+    assert (a.step, a.module_path, a.cause, a.op) == (1, "pool", "masked-softmax-row", "_softmax")
+
+
 def test_the_same_classifier_with_a_valid_position_in_every_row_is_silent(tmp_path):
     model = Classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -625,3 +641,16 @@ def test_watch_and_the_error_are_importable_from_the_top_level():
     from stabilizer.detector.policy import NumericalAnomalyError
 
     assert stabilizer.NumericalAnomalyError is NumericalAnomalyError
+
+
+def test_probes_detector_and_the_watch_never_import_the_training_loop():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, stabilizer, stabilizer.watcher, stabilizer.detector.session, "
+        "stabilizer.detector.replay, stabilizer.probes.tracer; "
+        "print('stabilizer.train' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -173,7 +173,8 @@ class RecordedStep:
     backward divided by ``loss_divisor`` and multiplied by ``grad_scale`` (the
     GradScaler's scale, None without one); ``unscaled``: the loop unscaled the
     gradients before the optimizer step (a correct GradScaler loop does). ``why_not``
-    says why a step has no calls (e.g. a custom forward that never called the root).
+    says why a step has no calls (e.g. a custom forward that never called the root),
+    ``forward_only`` why its calls can re-run the forward but not the backward.
     """
 
     calls: list[tuple[tuple, dict]] = field(default_factory=list)
@@ -182,6 +183,7 @@ class RecordedStep:
     grad_scale: torch.Tensor | float | None = None
     unscaled: bool = True
     why_not: str | None = None
+    forward_only: str | None = None  # why backward cannot be re-run (the loss is elsewhere)
 
     @classmethod
     def from_batches(
@@ -257,17 +259,18 @@ def _run_recorded(
                 args, kwargs = tree_map(_to_fp32, (args, kwargs))
             with _autocast_of(recorded, fp32, device_type):
                 output = model(*args, **kwargs)
+            if scope == "forward":
+                # The forward is all that is judged: NaN here when any output is not finite.
+                finite = all(bool(torch.isfinite(t).all()) for t in _float_tensors(output))
+                losses.append(torch.tensor(0.0 if finite else math.nan))
+                continue
             loss = loss_of(output)
             if loss is None:
-                if scope == "forward":
-                    return torch.zeros(())  # the offender ran: that is all forward needs
                 raise ReplayUnavailable(
                     "the model's output carries no loss (it was computed outside the model)"
                 )
             loss = loss / recorded.loss_divisor
             losses.append(loss.detach().float())
-            if scope == "forward":
-                continue
             scaled = loss * recorded.grad_scale if scaling and not fp32 else loss
             if watch is not None and scope == "backward":
                 watch.active = True
@@ -350,6 +353,10 @@ def replay_step(
         anomaly.pass_
     )
     rerun = recorded is not None and bool(recorded.calls)
+    if rerun and scope != "forward" and recorded.forward_only:
+        if scope == "backward":
+            raise ReplayUnavailable(recorded.forward_only)
+        rerun = False  # the optimizer pass replays from the gradients instead
     if scope is None:
         raise ReplayUnavailable(f"nothing to re-run for the {anomaly.pass_} pass")
     if not rerun and scope != "optimizer":
@@ -392,20 +399,17 @@ def replay_step(
         # 2. the same step in fp32.
         for p, g in zip(before.params, grads, strict=True):
             p.grad = g
-        if rerun:
-            result.fp32_finite = _fp32_rerun(model, optimizer, before, recorded, rng_state)
-        else:
-            result.fp32_finite = _fp32_optimizer_rerun(optimizer, before, grads)
-        if result.fp32_finite is None:
-            anomaly.evidence["same step in fp32"] = (
-                "not run: an fp32 copy of a model this size would not fit beside it"
-            )
-        else:
-            anomaly.evidence["same step in fp32"] = (
-                "finite: a precision problem"
-                if result.fp32_finite
-                else "non-finite too: a math problem, not precision"
-            )
+        try:
+            if rerun:
+                result.fp32_finite = _fp32_rerun(
+                    model, optimizer, before, recorded, rng_state, scope=scope
+                )
+            else:
+                result.fp32_finite = _fp32_optimizer_rerun(optimizer, before, grads)
+            verdict = _fp32_verdict(result.fp32_finite)
+        except ReplayUnavailable as why:
+            verdict = f"not run: {why}"
+        anomaly.evidence["same step in fp32"] = verdict
         # 3. the repro bundle, from the state before the step.
         if write_bundle is not None:
             before.restore()
@@ -419,6 +423,14 @@ def replay_step(
         tracer.recording = was_recording
         tracer.attach()
     return result
+
+
+def _fp32_verdict(finite: bool | None) -> str:
+    if finite is None:
+        return "not run: an fp32 copy of a model this size would not fit beside it"
+    return (
+        "finite: a precision problem" if finite else "non-finite too: a math problem, not precision"
+    )
 
 
 def _twin_optimizer(optimizer, before, ordered: list[torch.nn.Parameter]):
@@ -439,7 +451,11 @@ def _twin_optimizer(optimizer, before, ordered: list[torch.nn.Parameter]):
     return twin_opt
 
 
-def _fp32_rerun(model, optimizer, before, recorded: RecordedStep, rng_state) -> bool | None:
+def _fp32_rerun(
+    model, optimizer, before, recorded: RecordedStep, rng_state, *, scope: str
+) -> bool | None:
+    """The step again on an fp32 copy: its forward alone for a forward anomaly (finite
+    outputs?), else forward, backward and update (finite loss and weights?)."""
     params = sum(p.numel() for p in model.parameters())
     if params > 2_000_000_000:
         return None  # an fp32 copy of a multi-billion model would not fit beside it
@@ -454,6 +470,12 @@ def _fp32_rerun(model, optimizer, before, recorded: RecordedStep, rng_state) -> 
     twin_opt = _twin_optimizer(optimizer, before, ordered)
     if rng_state is not None:
         torch.set_rng_state(rng_state)
+    if scope == "forward":
+        with torch.no_grad():
+            flag = _run_recorded(
+                twin, twin_opt, recorded, watch=None, scope="forward", offender=None, fp32=True
+            )
+        return math.isfinite(float(flag))
     loss = _run_recorded(
         twin, twin_opt, recorded, watch=None, scope="optimizer", offender=None, fp32=True
     )
