@@ -39,6 +39,7 @@ def test_trainer_example_classic_failure_is_the_fp16_adam_0_over_0_at_step_0(tmp
     assert (anomaly.step, anomaly.pass_, anomaly.cause) == (0, "optimizer", "fp16-adam-eps")
     assert anomaly.card().startswith("NaN/Inf at step 0, optimizer pass in Q-Former")
     assert anomaly.evidence["gradients finite"] is True
+    assert anomaly.op is not None  # Trainer's step replayed op by op
     assert (tmp_path / "stabilizer" / "report.html").is_file()
 
 

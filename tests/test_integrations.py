@@ -226,6 +226,10 @@ def test_nan_with_raise_stops_train_naming_module_and_step(tmp_path):
     assert "NaN/Inf at step 2, forward pass in encoder.2" in message
     assert "module: encoder.2" in message and "fix:" in message
     assert caught.value.anomaly.module_path == "encoder.2"
+    # Replayed from the forwards Trainer made: the fp32 copy (the fault's hook comes with
+    # it) is non-finite too. (No op: the fault copies a NaN in, born in no op's output.)
+    assert caught.value.anomaly.evidence["same step in fp32"].startswith("non-finite too")
+    assert "replay" not in caught.value.anomaly.evidence
     run_dir = tmp_path / "out" / "stabilizer"
     with TraceStore.open(run_dir / "trace.db") as store:
         assert store.steps()["status"].tolist() == ["ok", "ok", "stopped"]

@@ -484,26 +484,23 @@ def _fp32_rerun(
     return finite
 
 
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _ours(hook) -> bool:
+    return getattr(hook, "__module__", "").startswith("stabilizer.")
 
 
 def _hookless_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy without module hooks: the faces' hooks hold consoles, stores and
-    locks that cannot be copied, and the twin must not record into the run anyway."""
+    """A deep copy without stabilizer's own module hooks: they hold consoles, stores and
+    locks that cannot be copied, and the twin must not record into the run. The user's
+    hooks stay (the same objects): they are part of what the model computes."""
     memo = {}
     for module in model.modules():
         for name in _HOOK_DICTS:
             hooks = getattr(module, name, None)
-            if hooks is not None:
-                memo[id(hooks)] = type(hooks)()
+            if hooks:
+                memo[id(hooks)] = type(hooks)((k, h) for k, h in hooks.items() if not _ours(h))
     return copy.deepcopy(model, memo)
 
 

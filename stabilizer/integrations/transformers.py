@@ -71,9 +71,10 @@ the refused one had. ``global_step`` still counts the refused step, as
 
 Limits: one process or torchrun (DDP); DataParallel (several GPUs without
 torchrun), DeepSpeed, FSDP and ``torch_compile`` are refused with a message.
-The op-level and fp32 replay runs for an optimizer-pass anomaly (from the
-gradients Trainer stepped on); forward and backward anomalies are not replayed
-(Trainer's forwards are not recorded). An exception that is not stabilizer's (out of memory,
+The first anomaly is replayed op by op and in fp32 as with ``stabilizer train``:
+the step's forwards are recorded as Trainer called the model (micro-batch losses
+are not divided by the accumulation count in the replay: that changes gradient
+sizes, not where they first go non-finite). An exception that is not stabilizer's (out of memory,
 Ctrl-C) reaches no callback: the store stays readable (one commit per step),
 and ``callback.close()`` or ``with StabilizerCallback(...) as cb:`` removes the
 hooks and writes the report.
@@ -86,7 +87,6 @@ import dataclasses
 import json
 import re
 from collections import Counter
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ from transformers import TrainerCallback
 
 from stabilizer.config import TraceSettings
 from stabilizer.detector.policy import NumericalAnomalyError
-from stabilizer.detector.replay import RecordedStep
+from stabilizer.detector.replay import RecordedStep, loss_of, scale_of
 from stabilizer.errors import ConfigError
 from stabilizer.watcher import _unwrap_optimizer
 
@@ -175,6 +175,8 @@ class StabilizerCallback(TrainerCallback):
         self._losses: list[torch.Tensor] = []
         self._loss_is_share = False
         self._labels: list[torch.Tensor] = []
+        self._calls: list[tuple[tuple, dict]] = []
+        self._grad_scale: torch.Tensor | float | None = None
         self._grad_norm: torch.Tensor | None = None
         self._refused: tuple[dict, list[float]] | None = None
 
@@ -248,6 +250,9 @@ class StabilizerCallback(TrainerCallback):
         if self.session is None:
             return
         self.session.before_update()
+        scaler = getattr(kwargs.get("optimizer"), "scaler", None)
+        if scaler is not None and self.session.replays:
+            self._grad_scale = scale_of(scaler)  # before AcceleratedOptimizer's update()
         grads = [p.grad for p in self._trainable if p.grad is not None]
         # On the device: the step's one host copy happens in end_step.
         self._grad_norm = (
@@ -263,15 +268,13 @@ class StabilizerCallback(TrainerCallback):
         scheduler = kwargs.get("lr_scheduler")
         counts = [(labels != -100).sum() for labels in self._labels]
         try:
-            # No recorded forwards: an optimizer-pass anomaly is replayed from the gradients
-            # Trainer stepped on; a forward/backward one says why it was not.
             accepted, _ = self.session.end_step(
                 self._step,
                 self._step_loss(),
                 self._grad_norm,
                 lr=self._lr(scheduler),
                 label_tokens=torch.stack(counts).min() if counts else None,
-                recorded=RecordedStep(why_not="Trainer's forwards are not recorded"),
+                recorded=self._recorded(),
             )
         except BaseException as exc:
             # NumericalAnomalyError (raise, or too many anomalies): it reaches the user
@@ -283,7 +286,7 @@ class StabilizerCallback(TrainerCallback):
                 all_ranks=isinstance(exc, NumericalAnomalyError),
             )
             raise
-        self._losses, self._labels = [], []
+        self._losses, self._labels, self._calls = [], [], []
         if not accepted and scheduler is not None:
             # Trainer steps the schedule right after this event; on_step_end undoes it.
             # Saved after the policy acted: rollback's lower rates are kept.
@@ -315,7 +318,7 @@ class StabilizerCallback(TrainerCallback):
     def _keep_loss(self, module, args, kwargs, output):
         if not (self._in_step and module.training and torch.is_grad_enabled()):
             return None
-        loss = _loss_of(output)
+        loss = loss_of(output)
         if loss is None:
             self._finish(report=False, failing=True)
             raise ConfigError(
@@ -326,11 +329,29 @@ class StabilizerCallback(TrainerCallback):
                 "the callback out of this run"
             )
         self._losses.append(loss.detach().float().reshape(()))
+        self._calls.append((args, dict(kwargs)))  # what the replay re-runs
         self._loss_is_share |= kwargs.get("num_items_in_batch") is not None
         labels = kwargs.get("labels")
         if isinstance(labels, torch.Tensor) and not labels.is_floating_point():
             self._labels.append(labels)  # label tokens of the step (all masked -> NaN loss)
         return None
+
+    def _recorded(self) -> RecordedStep:
+        """The step's forwards as Trainer called the model, for the replay."""
+        tracer = self.session.tracer
+        autocast = None
+        if tracer.autocast_dtype is not None and self._calls:
+            device = next(
+                (v.device.type for v in self._calls[0][1].values() if isinstance(v, torch.Tensor)),
+                "cpu",
+            )
+            autocast = (device, tracer.autocast_dtype)
+        return RecordedStep(
+            calls=self._calls,
+            autocast=autocast,
+            grad_scale=self._grad_scale,
+            why_not=None if self._calls else "no forward of the model was seen this step",
+        )
 
     def _step_loss(self) -> torch.Tensor | None:
         if not self._losses:
@@ -450,20 +471,6 @@ def _compute_dtype(args, model: torch.nn.Module) -> str:
             sizes[param.dtype] += param.numel()
     dtype = sizes.most_common(1)[0][0] if sizes else torch.float32
     return str(dtype).removeprefix("torch.")
-
-
-def _loss_of(output) -> torch.Tensor | None:
-    """The loss in a model's output the way Trainer finds it (``outputs["loss"]`` or
-    ``outputs[0]``); None when there is none."""
-    if isinstance(output, Mapping):  # dicts and ModelOutput
-        loss = output.get("loss")
-    elif isinstance(output, (tuple, list)) and output:
-        loss = output[0]
-    else:
-        loss = output
-    if isinstance(loss, torch.Tensor) and loss.is_floating_point() and loss.numel() == 1:
-        return loss
-    return None
 
 
 def _meta(args, model, trainable, settings: TraceSettings, compute_dtype: str, kwargs) -> dict:
