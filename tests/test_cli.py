@@ -37,6 +37,7 @@ def test_train_help_shows_defaults_and_choices():
     assert "fp32|bf16|fp16" in out
     assert "--adapter-dtype" in out and "classic failure" in out
     assert "--resume" in out and "--trace" in out
+    assert "--on-warning [warn|raise]" in out and "nothing non-finite yet" in out
 
 
 @pytest.mark.parametrize(

@@ -351,6 +351,7 @@ def test_resumed_run_replaces_the_steps_after_its_checkpoint(tmp_path):
             "--on-anomaly must be one of raise, skip, clip, rollback, warn",
         ),
         ({"trace_every": 0}, "--trace-every must be positive, got 0"),
+        ({"on_warning": "loud"}, "--on-warning must be one of warn, raise, got 'loud'"),
         ({"max_anomalies": -1}, "--max-anomalies must be positive, got -1"),
         ({"probe": "encoder.(2"}, "probe 'encoder.(2' is not a valid regular expression"),
     ],

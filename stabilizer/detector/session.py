@@ -294,12 +294,16 @@ class TraceSession:
 
     def _amp_skip_unexplained(self, record: StepRecord) -> None:
         """The GradScaler skipped a step whose probed modules were all finite."""
+        self._say_amp_skip(record.step, "outside the probed modules")
+
+    def _say_amp_skip(self, step: int, where: str) -> None:
+        """Log and print a step the GradScaler refused (it says nothing itself)."""
         self._amp_skips_in_a_row += 1
         detail = (
-            f"GradScaler skipped step {record.step}: non-finite gradients outside the probed "
-            f"modules; {self._amp_skips_in_a_row} in a row"
+            f"GradScaler skipped step {step}: non-finite gradients {where}; "
+            f"{self._amp_skips_in_a_row} in a row"
         )
-        self._log_action(record.step, "skip", detail)
+        self._log_action(step, "skip", detail)
         if self.rank == 0:
             self.console.print(f"[yellow]{_plain(detail)}[/]")
 
@@ -371,14 +375,7 @@ class TraceSession:
             return False
         if record.optimizer_stepped:
             return False
-        self._amp_skips_in_a_row += 1
-        detail = (
-            f"GradScaler skipped step {record.step}: non-finite gradients "
-            f"(first in {anomaly.module or 'a parameter'}); {self._amp_skips_in_a_row} in a row"
-        )
-        self._log_action(record.step, "skip", detail)
-        if self.rank == 0:
-            self.console.print(f"[yellow]{detail}[/]")
+        self._say_amp_skip(record.step, f"(first in {anomaly.module or 'a parameter'})")
         if self._amp_skips_in_a_row >= _GRADSCALER_PATIENCE:
             anomaly.evidence["GradScaler skips in a row"] = self._amp_skips_in_a_row
             self._record_anomaly(anomaly, record)

@@ -112,6 +112,8 @@ class StabilizerCallback(TrainerCallback):
             update, keep the schedule where it was), ``clip`` (as skip, then clamp the
             offender or halve ``args.max_grad_norm``), ``rollback`` (last good state,
             learning rate x ``rollback_lr_factor``) or ``warn``.
+        on_warning: ``warn`` (an early warning prints its card, training goes on) or
+            ``raise`` (stop at it).
         trace_every: full per-module statistics every N steps (the NaN/Inf check
             runs every step).
         probe: regex of module names to probe (default: the Q-Former preset when
@@ -131,6 +133,7 @@ class StabilizerCallback(TrainerCallback):
         run_dir: str | Path | None = None,
         *,
         on_anomaly: str = "skip",
+        on_warning: str = "warn",
         trace_every: int = 1,
         probe: str | None = None,
         max_anomalies: int = 10,
@@ -145,6 +148,7 @@ class StabilizerCallback(TrainerCallback):
                 probe=probe,
                 trace_every=trace_every,
                 on_anomaly=on_anomaly,
+                on_warning=on_warning,
                 max_anomalies=max_anomalies,
                 rollback_lr_factor=rollback_lr_factor,
                 tensorboard=tensorboard,
