@@ -118,9 +118,34 @@ def _ddp_section(result: dict) -> list[str]:
     ]
 
 
+def _ops_section(result: dict) -> list[str]:
+    lines = [
+        f"### What tracing adds, in aten ops per step — `{result['preset']}`, "
+        f"{result['precision']}, batch {result['batch_size']}",
+        "",
+        f"- machine: {result['machine']}; date {result['date']} (the counts do not depend on it)",
+        f"- command: `{result['command']}`",
+        "",
+        "| step | probed modules | untraced ops | extra ops | per module | forward | backward "
+        "| optimizer | judge | host syncs in forward / backward / optimizer / judge |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in result["rows"]:
+        extra, syncs = row["extra_by_phase"], row["syncs_by_phase"]
+        lines.append(
+            f"| {row['mode']} | {row['probed_modules']} | {row['untraced_ops']:,} | "
+            f"{row['extra_ops']:,} | {row['extra_ops_per_module']:.1f} | "
+            f"{extra['forward']:,} | {extra['backward']:,} | {extra['optimizer']:,} | "
+            f"{extra['judge']:,} | {syncs['forward']} / {syncs['backward']} / "
+            f"{syncs['optimizer']} / {syncs['judge']} |"
+        )
+    return lines + [""]
+
+
 SECTIONS = {
     "loop": _loop_section,
     "trace": _trace_section,
+    "ops": _ops_section,
     "ddp": _ddp_section,
     "plugin": _plugin_section,
 }

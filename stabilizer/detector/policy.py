@@ -46,25 +46,63 @@ class StateSnapshot:
         self._weights: list[torch.Tensor] | None = None
         self._state: dict[int, dict] | None = None
 
+    @torch.no_grad()
     def capture(self) -> None:
-        with torch.no_grad():
+        # Taken every step when a policy or the replay may need it: into the buffers of
+        # the last capture with one multi-tensor copy per kind of tensor (a handful of
+        # ops), not a clone per tensor (hundreds of ops on a real-size Q-Former).
+        if self._weights is not None and _same_layout(self._weights, self.params):
+            torch._foreach_copy_(self._weights, self.params)
+        else:
             self._weights = [p.detach().clone() for p in self.params]
-        self._state = {
-            i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
-            for i, p in enumerate(self.params)
-            if (st := self.optimizer.state.get(p))
-        }
+        states = {i: st for i, p in enumerate(self.params) if (st := self.optimizer.state.get(p))}
+        if self._state is not None and self._state_fits(states):
+            for saved, live in self._by_key(states).values():
+                torch._foreach_copy_(saved, live)
+            for i, st in states.items():
+                for key, value in st.items():
+                    if not isinstance(value, torch.Tensor):
+                        self._state[i][key] = value
+        else:
+            self._state = {
+                i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+                for i, st in states.items()
+            }
+
+    def _state_fits(self, states: dict[int, dict]) -> bool:
+        if states.keys() != self._state.keys():
+            return False
+        for i, st in states.items():
+            saved = self._state[i]
+            if st.keys() != saved.keys():
+                return False
+            for key, value in st.items():
+                old = saved[key]
+                if isinstance(value, torch.Tensor) != isinstance(old, torch.Tensor):
+                    return False
+                if isinstance(value, torch.Tensor) and not _same_layout([old], [value]):
+                    return False
+        return True
+
+    def _by_key(self, states: dict[int, dict]) -> dict[str, tuple[list, list]]:
+        grouped: dict[str, tuple[list, list]] = {}
+        for i, st in states.items():
+            for key, value in st.items():
+                if isinstance(value, torch.Tensor):
+                    saved, live = grouped.setdefault(key, ([], []))
+                    saved.append(self._state[i][key])
+                    live.append(value)
+        return grouped
 
     @property
     def ready(self) -> bool:
         return self._weights is not None
 
+    @torch.no_grad()
     def restore(self) -> None:
         if self._weights is None or self._state is None:
             raise RuntimeError("restore() before capture()")
-        with torch.no_grad():
-            for param, saved in zip(self.params, self._weights, strict=True):
-                param.copy_(saved)
+        torch._foreach_copy_(self.params, self._weights)
         for i, param in enumerate(self.params):
             saved = self._state.get(i)
             if saved is None:
@@ -87,6 +125,13 @@ class StateSnapshot:
             if other._state is not None
             else None
         )
+
+
+def _same_layout(saved: list[torch.Tensor], live: list[torch.Tensor]) -> bool:
+    return len(saved) == len(live) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+        for a, b in zip(saved, live, strict=True)
+    )
 
 
 class ClampOutput:

@@ -489,11 +489,12 @@ class Tracer:
         """
         self._before_opt_step(None, (), {})
 
+    @torch.no_grad()  # the norms need no graph, so no detach() op per tensor either
     def _before_opt_step(self, optimizer, args, kwargs) -> None:
         if "grad_norm" in self._param_device or not self._param_tensors:
             return
         grads = [
-            p.grad.detach() if p.grad is not None else torch.zeros(1, device=p.device)
+            p.grad if p.grad is not None else torch.zeros(1, device=p.device)
             for p in self._param_tensors
         ]
         # One fused norm per list; a NaN/Inf element makes its norm NaN/Inf, which is
@@ -502,13 +503,14 @@ class Tracer:
         self._param_device["grad_norm"] = norms
         self._param_device["grad_nonfinite"] = norms
         if self._full:
-            self._snapshot = torch._foreach_mul([p.detach() for p in self._param_tensors], 1.0)
+            self._snapshot = torch._foreach_mul(self._param_tensors, 1.0)
 
+    @torch.no_grad()
     def _after_opt_step(self, optimizer, args, kwargs) -> None:
         self._optimizer_stepped = True
         if not self._param_tensors:
             return
-        weights = [p.detach() for p in self._param_tensors]
+        weights = self._param_tensors
         norms = torch.stack(torch._foreach_norm(weights, dtype=torch.float32))
         self._param_device["weight_norm"] = norms
         self._param_device["weight_nonfinite"] = norms
