@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from faults import NaNBackward
 from rich.console import Console
 from torch import nn
 
@@ -529,16 +530,6 @@ def test_the_root_returning_a_nan_loss_is_not_a_forward_anomaly(tmp_path):
 # -- the tracer under id reuse --------------------------------------------------------------------
 
 
-class NaNGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full_like(grad, math.nan)
-
-
 class Shift(nn.Module):
     """``x + bias``: an add saves neither input for backward, so nothing keeps ``x``."""
 
@@ -549,7 +540,7 @@ class Shift(nn.Module):
 
     def forward(self, x):
         y = x + self.bias
-        return NaNGradient.apply(y) if self.bad else y
+        return NaNBackward.apply(y) if self.bad else y
 
 
 class Chain(nn.Module):
