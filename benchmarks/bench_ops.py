@@ -8,7 +8,10 @@ One batch, one model, ``stabilizer.watch`` around stabilizer's own training step
 |-----------|-----------------------------------------------------------------------|
 | untraced  | no hooks                                                              |
 | check     | ``watch(trace_every=10**9)``, a step after the first: NaN/Inf check only |
-| full      | ``watch(trace_every=1)``: full statistics every step                  |
+| full      | ``watch(trace_every=1)``: full statistics every step, reduced the way a |
+|           | GPU does it (multi-tensor: a fixed number of ops per statistic)       |
+| full-cpu  | as full, reduced the way a CPU does it (two single-pass ops per tensor:|
+|           | on a CPU the cost is passes over memory, not launches)                |
 
     python benchmarks/bench_ops.py                                   # tiny preset
     python benchmarks/bench_ops.py --preset medium-instructblip-t5 --batch-size 2
@@ -37,6 +40,7 @@ from stabilizer.config import TrainConfig  # noqa: E402
 from stabilizer.data import load_samples  # noqa: E402
 from stabilizer.models.lora import LoraSettings  # noqa: E402
 from stabilizer.precision import plan_precision  # noqa: E402
+from stabilizer.probes.batched import PassReducer  # noqa: E402
 from stabilizer.probes.opcount import PHASES, OpCounter  # noqa: E402
 from stabilizer.train import build_model, make_encoder, make_optimizer, train_step  # noqa: E402
 
@@ -104,14 +108,23 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-ops-") as scratch:
         base, _ = count_step(model, optimizer, batch, plan, trace_every=None, run_dir=Path(scratch))
-        for mode, every in (("check", 10**9), ("full", 1)):
-            counter, modules = count_step(
-                model, optimizer, batch, plan, trace_every=every, run_dir=Path(scratch) / mode
-            )
+        for mode, every, strategy in (
+            ("check", 10**9, "multi-tensor"),
+            ("full", 1, "multi-tensor"),
+            ("full-cpu", 1, "per-tensor"),
+        ):
+            PassReducer.strategy = strategy
+            try:
+                counter, modules = count_step(
+                    model, optimizer, batch, plan, trace_every=every, run_dir=Path(scratch) / mode
+                )
+            finally:
+                PassReducer.strategy = "auto"
             extra = {p: counter.by_phase[p] - base.by_phase[p] for p in PHASES}
             rows.append(
                 {
                     "mode": mode,
+                    "strategy": strategy,
                     "probed_modules": modules,
                     "untraced_ops": base.total,
                     "traced_ops": counter.total,

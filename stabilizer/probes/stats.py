@@ -25,21 +25,11 @@ def near_limit_threshold(dtype: torch.dtype) -> float | None:
     return None
 
 
-def finite_flag(t: torch.Tensor) -> torch.Tensor:
-    """0-d fp32 tensor that is finite exactly when every element of ``t`` is (1 kernel).
-
-    NaN and Inf propagate through a sum; accumulating in fp32 keeps a sum of finite
-    fp16/bf16 values from overflowing (only a finite fp32 tensor whose sum passes
-    3.4e38 would be flagged, which is an overflow warning in itself).
-    """
-    # no_grad instead of detach(): one aten op fewer per tensor, and the check stays
-    # invisible to autograd (no graph, nothing saved for backward).
-    with torch.no_grad():
-        return t.sum(dtype=torch.float32)
-
-
 def tensor_stats(t: torch.Tensor) -> torch.Tensor:
     """``[absmax, l2, sum, nan, inf, near]`` as a float32 device tensor of 6.
+
+    The definition of a full step's raw statistics, one tensor at a time; the tracer
+    computes the same numbers for a whole pass at once (:mod:`stabilizer.probes.batched`).
 
     The host turns l2 and sum into RMS and mean with the element count it knows,
     so several calls of one module in one step combine exactly.
@@ -59,60 +49,6 @@ def tensor_stats(t: torch.Tensor) -> torch.Tensor:
             else torch.zeros_like(nan)
         )
         return torch.stack([absmax, l2, total, nan, inf, near])
-
-
-_compiled = None
-
-
-def compiled_tensor_stats():
-    """:func:`tensor_stats` compiled with ``torch.compile``: one fused pass instead of eight.
-
-    The first call compiles (about 20 s on a 2-core CPU; a Triton kernel on GPU) and
-    later shapes reuse it (``dynamic=True``). Where compiling is not possible the
-    eager version is returned, with a warning, so tracing never stops for it.
-    """
-    global _compiled
-    if _compiled is not None:
-        return _compiled
-
-    def fused(x: torch.Tensor, threshold: float) -> torch.Tensor:
-        x = x.float()
-        a = x.abs()
-        return torch.stack(
-            [
-                a.amax(),
-                (x * x).sum().sqrt(),
-                x.sum(),
-                torch.isnan(x).sum(dtype=torch.float32),
-                torch.isinf(x).sum(dtype=torch.float32),
-                (a > threshold).sum(dtype=torch.float32),
-            ]
-        )
-
-    try:
-        candidate = torch.compile(fused, dynamic=True)
-        warm = torch.ones(12)
-        torch._dynamo.decorators.mark_unbacked(warm, 0)
-        candidate(warm, math.inf)  # compile now, not inside the first hook
-    except Exception as exc:  # no compiler, unsupported platform, ...
-        import warnings
-
-        warnings.warn(
-            f"compiled statistics are off ({type(exc).__name__}: {exc}); using eager ones",
-            stacklevel=2,
-        )
-        _compiled = tensor_stats
-        return _compiled
-
-    def stats(t: torch.Tensor) -> torch.Tensor:
-        x = t.detach().reshape(-1)  # one rank for every tensor: no recompiles per ndim
-        # An unbacked size compiles one kernel for every length (no 0/1 or range guards).
-        torch._dynamo.decorators.mark_unbacked(x, 0)
-        # A Python float argument specialises the kernel: one variant per threshold.
-        return candidate(x, near_limit_threshold(x.dtype) or math.inf)
-
-    _compiled = stats
-    return stats
 
 
 def finish_stats(raw: np.ndarray, numel: float) -> np.ndarray:

@@ -9,12 +9,15 @@
     ...         record = tracer.end_step(loss=loss)     # one device->host copy
     ...         print(record.first_nonfinite())
 
-Cost tiers. Every step, each hooked tensor gets a two-kernel finiteness flag
-(so the step where NaN first appears names its module); every ``trace_every``
-steps it gets full statistics (abs-max, RMS, mean, NaN/Inf counts, fp16
-headroom), attention modules get the largest pre-softmax score, and trainable
-parameters get weight/grad norms and update/weight ratios. Results stay on the
-device in a list until ``end_step`` stacks and copies them once.
+Cost tiers. Every step, each hooked tensor gets a finiteness flag (so the step
+where NaN first appears names its module); every ``trace_every`` steps it gets
+full statistics (abs-max, RMS, mean, NaN/Inf counts, fp16 headroom), attention
+modules get the largest pre-softmax score, and trainable parameters get
+weight/grad norms and update/weight ratios. Hooks launch no kernels: they note
+their tensors, and each pass's notes are reduced together by a few multi-tensor
+ops (:mod:`stabilizer.probes.batched`), so the cost in kernels does not grow with
+the number of probed modules. Results stay on the device until ``end_step``
+copies them once.
 
 Correctness notes:
 - Input statistics are taken in a forward *pre*-hook, so an in-place op inside
@@ -40,16 +43,14 @@ import torch
 from torch import nn
 
 from stabilizer.errors import ConfigError
+from stabilizer.probes.batched import RAW_WIDTH, PassReducer, measurable
 from stabilizer.probes.naming import describe, strip_peft
 from stabilizer.probes.schema import PARAM_STATS, SITES, TENSOR_STATS
 from stabilizer.probes.stats import (
     combine_raw,
-    compiled_tensor_stats,
     finish_stats,
-    finite_flag,
     first_float_tensor,
     output_tensor,
-    tensor_stats,
 )
 
 # Modules probed in InstructBLIP/BLIP-2 (names without peft's prefix).
@@ -75,6 +76,10 @@ class ProbedModule:
     layer: int | None
     component: str
     is_attention: bool
+    # A LoRA adapter's A/B: probed on full steps only. On check steps the wrapped
+    # layer's output already carries their contribution, so a NaN they make is still
+    # caught there, for a third less data to reduce and fewer hook calls.
+    full_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,14 +149,6 @@ class StepRecord:
         )
 
 
-def _version_of(tensor: torch.Tensor) -> int | None:
-    # Inference-mode tensors have no version counter: never reuse their stats.
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
-
-
 def _in_backward() -> bool:
     # Autograd runs a graph task during backward; forward hooks that fire then are
     # activation-checkpointing recomputation, not a new forward pass.
@@ -185,6 +182,9 @@ def select_modules(model: nn.Module, pattern: str | None = None) -> list[tuple[s
     return [(n, m) for n, m in named if n]
 
 
+_LORA_PART = re.compile(r"\.lora_[AB](\.|$)")
+
+
 class Tracer:
     """Owns every hook it installs; ``close()`` (or leaving ``with``) removes them all."""
 
@@ -210,8 +210,7 @@ class Tracer:
         self.optimizer = optimizer
         self.trace_every = trace_every
         self.attention_scores = attention_scores
-        # Eager statistics by default; compiled ones fuse eight passes into one.
-        self._stats_fn = compiled_tensor_stats() if compile_stats else tensor_stats
+        self.compile_stats = compile_stats
         chosen = select_modules(model, pattern)
         self.modules: list[ProbedModule] = []
         self._index: dict[int, int] = {}
@@ -221,7 +220,14 @@ class Tracer:
             index = len(self.modules)
             self.modules.append(
                 ProbedModule(
-                    index, name, info.label, info.kind, info.layer, info.component, is_attention
+                    index,
+                    name,
+                    info.label,
+                    info.kind,
+                    info.layer,
+                    info.component,
+                    is_attention,
+                    full_only=_LORA_PART.search(name) is not None,
                 )
             )
             self._index[id(module)] = index
@@ -274,6 +280,8 @@ class Tracer:
         self._handles.append(
             self.model.register_forward_pre_hook(self._input_hook, with_kwargs=True)
         )
+        # The end of the forward pass: reduce what it produced together.
+        self._handles.append(self.model.register_forward_hook(self._after_root_forward))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._before_opt_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._after_opt_step))
@@ -295,18 +303,19 @@ class Tracer:
 
     # -- step boundaries -----------------------------------------------------------
     def _reset_step_buffers(self) -> None:
-        self._flags: list[tuple[str, int, torch.Tensor]] = []
-        self._raw: list[tuple[str, int, int, torch.Tensor]] = []
+        # Hooks note tensors here; each pass's notes are reduced together.
+        self._reducer = PassReducer(self._full, compiled=self.compile_stats)
+        self._entries: list[tuple[str, int, int]] = []  # (site, module index, slot)
+        self._backward_open = False
         self._order: dict[str, list[int]] = {site: [] for site in SITES}
         self._seen: dict[str, set[int]] = {site: set() for site in SITES}
         self._scores: list[tuple[int, torch.Tensor]] = []
-        self._inputs: list[tuple[str, torch.Tensor]] = []
+        self._inputs: list[tuple[str, int]] = []  # (argument name, slot)
         self._last_qk: dict[tuple[str, str], torch.Tensor] = {}
         self._grad_in_tensors: dict[int, tuple[weakref.ref, list[int]]] = {}
         self._param_device: dict[str, torch.Tensor] = {}
         self._snapshot: list[torch.Tensor] | None = None
         self._optimizer_stepped = False
-        self._measured: dict[int, tuple[weakref.ref, int | None, torch.Tensor]] = {}
         # What the step ran in: output dtypes of probed modules, autocast at its first hook.
         self.output_dtypes: set[torch.dtype] = set()
         self.autocast_dtype: torch.dtype | None = None
@@ -319,9 +328,9 @@ class Tracer:
         for handle in self._tensor_handles:
             handle.remove()
         self._tensor_handles.clear()
-        self._reset_step_buffers()
         self._step = step
         self._full = (step % self.trace_every == 0) if full is None else full
+        self._reset_step_buffers()
         self._begun = True
 
     @property
@@ -362,44 +371,55 @@ class Tracer:
         return self._full
 
     # -- hooks ---------------------------------------------------------------------
-    def _record(self, site: str, index: int, tensor: torch.Tensor) -> None:
+    def _record(self, site: str, index: int, tensor: torch.Tensor, *, now: bool = False) -> None:
+        if not measurable(tensor):
+            return
         if site.startswith("grad"):
             self._after_backward = True
+            if not self._backward_open:
+                self._open_backward()
         if index not in self._seen[site]:
             self._seen[site].add(index)
             self._order[site].append(index)
         # One tensor is often seen by several probes (a layer's input feeds query, key
-        # and value; lora_A's output is lora_B's input): measure it once per step.
-        # The weak reference tells a live tensor from a new one that reuses its id; the
-        # version counter tells it from itself after an in-place op (h[0] = nan).
-        key = id(tensor)
-        version = _version_of(tensor)
-        cached = self._measured.get(key)
-        if (
-            cached is not None
-            and version is not None
-            and cached[0]() is tensor
-            and cached[1] == version
-        ):
-            value = cached[2]
-        else:
-            value = self._stats_fn(tensor) if self._full else finite_flag(tensor)
-            self._measured[key] = (weakref.ref(tensor), version, value)
-        if self._full:
-            self._raw.append((site, index, tensor.numel(), value))
-        else:
-            self._flags.append((site, index, value))
+        # and value; lora_A's output is lora_B's input): the reducer measures it once
+        # per version (an in-place op like h[0] = nan makes a new reading).
+        self._entries.append((site, index, self._reducer.note(tensor, now=now)))
+
+    def _open_backward(self) -> None:
+        # The first gradient of a backward: the forward's notes are complete, and the
+        # backward's are reduced when autograd finishes this graph (queue_callback runs
+        # at the end of the current backward, in its thread).
+        self._backward_open = True
+        self._reducer.flush()
+        reducer = self._reducer
+
+        def end_of_backward() -> None:
+            reducer.flush()
+            if reducer is self._reducer:
+                self._backward_open = False
+
+        torch.autograd.Variable._execution_engine.queue_callback(end_of_backward)
+
+    def _after_root_forward(self, module, args, output):
+        if not _in_backward():
+            self._reducer.flush()
+        return None
 
     def _make_pre_hook(self, index: int):
+        full_only = self.modules[index].full_only
+
         def hook(module, args, kwargs):
-            if _in_backward():
+            if _in_backward() or (full_only and not self._full):
                 return None
             tensor = first_float_tensor(args) if args else None
             if tensor is None:
                 tensor = first_float_tensor(kwargs)
             if tensor is None or not self._ready(tensor):
                 return None
-            self._record("fwd_in", index, tensor)
+            # A module that overwrites its input (ReLU(inplace=True)) would change the
+            # tensor before a deferred reduction sees it: measure that input now.
+            self._record("fwd_in", index, tensor, now=getattr(module, "inplace", False) is True)
             if tensor.requires_grad and torch.is_grad_enabled():
                 self._watch_grad_in(tensor, index)
             return None
@@ -430,7 +450,7 @@ class Tracer:
         info = self.modules[index]
 
         def hook(module, args, output):
-            if _in_backward():
+            if _in_backward() or (info.full_only and not self._full):
                 return None
             tensor = output_tensor(output)
             if tensor is None or not self._ready(tensor):
@@ -476,8 +496,8 @@ class Tracer:
         if _in_backward() or not self._ready():
             return None
         for name, value in list(kwargs.items()) + [(f"arg{i}", a) for i, a in enumerate(args)]:
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                self._inputs.append((name, finite_flag(value)))
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and measurable(value):
+                self._inputs.append((name, self._reducer.note(value)))
         return None
 
     # -- parameters around the optimizer step ------------------------------------------
@@ -544,7 +564,8 @@ class Tracer:
     ) -> StepRecord:
         """Stack everything recorded this step, copy it to the host once, and build the record."""
         self.measure_params()
-        device = self._device(loss)
+        chunks, self._row_of, self._numel_of = self._reducer.finish()
+        device = self._device(loss, chunks)
         layout: list[tuple[str, object, int]] = []  # (kind, key, size) in copy order
         parts: list[torch.Tensor] = []
 
@@ -557,16 +578,13 @@ class Tracer:
         # ops however many modules fired, then the step's one device->host copy.
         heads = [("loss", None, loss), ("grad_norm", None, grad_norm)]
         heads += [("extra", name, value) for name, value in (extra or {}).items()]
-        heads += [("input", name, flag) for name, flag in self._inputs]
         heads += [("score", index, value) for index, value in self._scores]
         parts.append(torch.stack([scalar(v) for _, _, v in heads]))
         layout += [(kind, key, 1) for kind, key, _ in heads]
-        if self._flags:
-            parts.append(torch.stack([f for _, _, f in self._flags]).float())
-            layout += [("flag", (site, index), 1) for site, index, _ in self._flags]
-        if self._raw:
-            parts.append(torch.stack([r for *_, r in self._raw]).float().reshape(-1))
-            layout += [("raw", (site, index, numel), 6) for site, index, numel, _ in self._raw]
+        # Every hooked tensor's reading, in the reducer's row order (see _build_record).
+        for chunk in chunks:
+            parts.append(chunk.reshape(-1))
+            layout.append(("readings", None, chunk.numel()))
         for stat, value in self._param_device.items():
             parts.append(value.reshape(-1).float())
             layout.append(("param", stat, value.numel()))
@@ -575,13 +593,11 @@ class Tracer:
         self._begun = False
         return self._build_record(flat, layout, lr)
 
-    def _device(self, loss) -> torch.device:
+    def _device(self, loss, chunks: list[torch.Tensor]) -> torch.device:
         if isinstance(loss, torch.Tensor):
             return loss.device
-        for _, _, flag in self._flags:
-            return flag.device
-        for *_, raw in self._raw:
-            return raw.device
+        for chunk in chunks:
+            return chunk.device
         return torch.device("cpu")
 
     def _build_record(self, flat, layout, lr) -> StepRecord:
@@ -597,6 +613,7 @@ class Tracer:
         inputs: dict[str, bool] = {}
         extra: dict[str, float] = {}
         loss = grad_norm = math.nan
+        readings: list[np.ndarray] = []
         offset = 0
         for kind, key, size in layout:
             chunk = flat[offset : offset + size]
@@ -607,23 +624,8 @@ class Tracer:
                 grad_norm = float(chunk[0])
             elif kind == "extra":
                 extra[key] = float(chunk[0])
-            elif kind == "input":
-                inputs[key] = inputs.get(key, True) and math.isfinite(chunk[0])
-            elif kind == "flag":
-                site, index = key
-                if not math.isfinite(chunk[0]):
-                    finite[site][index] = False
-            elif kind == "raw":
-                site, index, numel = key
-                # Full steps skip the separate flag: NaN/Inf counts say the same.
-                if chunk[3] > 0 or chunk[4] > 0:
-                    finite[site][index] = False
-                prev = raw_acc.get((site, index))
-                raw_acc[(site, index)] = (
-                    (chunk.astype(np.float64), numel)
-                    if prev is None
-                    else (combine_raw(prev[0], chunk), prev[1] + numel)
-                )
+            elif kind == "readings":
+                readings.append(chunk)
             elif kind == "score":
                 value = float(chunk[0])
                 scores[key] = value if np.isnan(scores[key]) else max(scores[key], value)
@@ -632,10 +634,38 @@ class Tracer:
             elif kind == "param":
                 column = PARAM_STATS.index(key)
                 if key.endswith("nonfinite"):
-                    # finite_flag gives NaN for "has non-finite": store it as a count of 1.
+                    # A norm is NaN/Inf for "has non-finite": store it as a count of 1.
                     params[:, column] = np.where(np.isfinite(chunk), 0.0, 1.0)
                 else:
                     params[:, column] = chunk
+        width = RAW_WIDTH if self._full else 1
+        rows = np.concatenate(readings).reshape(-1, width) if readings else np.zeros((0, width))
+
+        def reading(slot: int) -> np.ndarray | None:
+            row = self._row_of[slot]
+            return None if row is None else rows[row]
+
+        def is_finite(value: np.ndarray) -> bool:
+            # Check steps: an L1 norm, finite iff every element is. Full steps: counts.
+            return math.isfinite(value[0]) if not self._full else value[3] == 0 and value[4] == 0
+
+        for name, slot in self._inputs:
+            value = reading(slot)
+            inputs[name] = inputs.get(name, True) and (value is None or is_finite(value))
+        for site, index, slot in self._entries:
+            value = reading(slot)
+            if value is None:  # unknown (changed in place, read again later) or empty
+                continue
+            if not is_finite(value):
+                finite[site][index] = False
+            if self._full:
+                numel = self._numel_of[slot]
+                prev = raw_acc.get((site, index))
+                raw_acc[(site, index)] = (
+                    (value.astype(np.float64), numel)
+                    if prev is None
+                    else (combine_raw(prev[0], value), prev[1] + numel)
+                )
         stats = None
         if self._full:
             stats = {site: np.full((n, len(TENSOR_STATS)), np.nan) for site in SITES}

@@ -1,0 +1,269 @@
+"""One multi-tensor reduction per pass instead of kernels per hooked tensor.
+
+A hook only *notes* the tensor it sees (no kernel). At the end of the pass (the
+root module's forward returns, autograd finishes a backward, the step ends), or
+when the noted tensors pass a memory budget, everything noted is reduced at once:
+
+- check steps: ``torch._foreach_norm(ord=1)`` per (device, dtype) group. An L1 norm
+  is finite exactly when every element is, and it accumulates in fp32, so finite
+  fp16/bf16 values never overflow it. One op (a multi-tensor kernel on a GPU) for
+  the whole group, however many modules fired.
+- full steps: the group is flattened into one buffer (``torch._chunk_cat``) and
+  every statistic is one segmented reduction over it (``torch.segment_reduce``):
+  a fixed number of ops per statistic, not per tensor.
+
+Exactness under in-place ops. A reduction that runs later than the hook sees the
+tensor as it is *then*. Each noted tensor keeps its version counter; a tensor
+changed in place before the flush is *stale*. When the same tensor was noted again
+after the change (``h[0] = nan`` between module ``a``'s output and module ``b``'s
+input), the later note tells what happened and the stale one is reported as
+unknown (finite, no statistics), so ``a`` is not blamed for what came after it.
+Inputs of modules that say they work in place (``nn.ReLU(inplace=True)``,
+``Dropout(inplace=True)``) are measured at once instead, so the module before
+them keeps an exact reading.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from stabilizer.probes.stats import near_limit_threshold
+
+RAW_WIDTH = 6  # [absmax, l2, sum, nan, inf, near] per tensor on full steps
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    # Inference-mode tensors have no version counter: never reuse their readings.
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def measurable(tensor: torch.Tensor) -> bool:
+    """Dense tensors with storage: meta tensors hold no values, sparse ones no strides."""
+    return tensor.layout == torch.strided and tensor.device.type != "meta"
+
+
+def segment_stats(flat: torch.Tensor, lengths: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``(len(lengths), RAW_WIDTH)`` fp32 ``[absmax, l2, sum, nan, inf, near]`` rows of
+    the consecutive segments of ``flat`` (shape ``(1, N)``): one op per statistic."""
+    x = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+
+    def per_tensor(values: torch.Tensor, how: str = "sum") -> torch.Tensor:
+        return torch.segment_reduce(values, how, lengths=lengths, axis=1)[0]
+
+    a = x.abs()
+    absmax = per_tensor(a, "max")
+    l2 = per_tensor(x * x).sqrt()
+    total = per_tensor(x)
+    nan = per_tensor(torch.isnan(x).to(x.dtype))
+    inf = per_tensor(torch.isinf(a).to(x.dtype))
+    near = per_tensor((a > threshold).to(x.dtype))
+    return torch.stack([absmax, l2, total, nan, inf, near], dim=1).float()
+
+
+_compiled = None
+
+
+def compiled_segment_stats():
+    """:func:`segment_stats` through ``torch.compile`` (fused passes over the buffer).
+
+    The first call compiles (tens of seconds on a small CPU); sizes are dynamic, so
+    later steps reuse it. Where compiling is not possible the eager version is used,
+    with a warning, so tracing never stops for it."""
+    global _compiled
+    if _compiled is not None:
+        return _compiled
+    try:
+        candidate = torch.compile(segment_stats, dynamic=True)
+        warm = torch.ones(1, 12)
+        candidate(warm, torch.tensor([[5, 7]]), math.inf)  # compile now, not in a hook
+        _compiled = candidate
+    except Exception as exc:  # no compiler, unsupported platform, ...
+        import warnings
+
+        warnings.warn(
+            f"compiled statistics are off ({type(exc).__name__}: {exc}); using eager ones",
+            stacklevel=2,
+        )
+        _compiled = segment_stats
+    return _compiled
+
+
+@dataclass
+class _Slot:
+    tensor: torch.Tensor | None  # held until the flush, then dropped
+    version: int | None
+    numel: int
+    stale: bool = False
+    superseded: bool = False
+
+
+@dataclass
+class _Chunk:
+    """The device result of one flush and, on the host, which slot each row is."""
+
+    values: torch.Tensor  # (rows,) on check steps, (rows, RAW_WIDTH) on full steps
+    slots: list[int] = field(default_factory=list)
+
+
+class PassReducer:
+    """Collects the tensors one step's hooks saw and reduces them in a few ops.
+
+    ``note(tensor)`` returns a slot number (one slot per distinct tensor and version:
+    a tensor seen by several probes is measured once). ``finish(device)`` flushes
+    and returns the step's readings: one device tensor and, per slot, its row in it
+    (or None when the reading is unknown or the tensor was empty).
+    """
+
+    # Flush early once the noted tensors hold this many bytes: held gradients (and
+    # activations autograd did not need) must not grow the peak memory of a step.
+    # Full steps also make fp32 temporaries of the flattened buffer, so theirs is lower.
+    check_budget_bytes = 64 * 2**20
+    full_budget_bytes = 16 * 2**20
+    # How full statistics are reduced: "multi-tensor" (a fixed number of ops per
+    # statistic: what a GPU, where launches are the cost, runs), "per-tensor" (two
+    # single-pass ops per tensor, counts only where a tensor needs them: on a CPU the
+    # cost is passes over memory, not launches) or "auto" (by device).
+    strategy = "auto"
+
+    def __init__(self, full: bool, *, compiled: bool = False) -> None:
+        self.full = full
+        self._stats = compiled_segment_stats() if full and compiled else segment_stats
+        self.budget = self.full_budget_bytes if full else self.check_budget_bytes
+        self._slots: list[_Slot] = []
+        self._pending: list[int] = []
+        self._pending_bytes = 0
+        self._chunks: list[_Chunk] = []
+        self._seen: dict[int, tuple[weakref.ref, int | None, int]] = {}
+        self._lengths: dict[tuple, torch.Tensor] = {}
+        self.flushes = 0
+
+    # -- noting ------------------------------------------------------------------------
+    def note(self, tensor: torch.Tensor, *, now: bool = False) -> int:
+        """The slot that measures ``tensor`` as it is now; ``now`` reduces at once."""
+        key = id(tensor)
+        version = _version_of(tensor)
+        seen = self._seen.get(key)
+        if seen is not None and seen[0]() is tensor:
+            if version is not None and seen[1] == version:
+                if now:
+                    self.flush()  # noted earlier but maybe still pending: measure it now
+                return seen[2]
+            # The same tensor, changed in place since it was noted: the earlier
+            # reading (if it is taken only now) is about this later state, not its own.
+            self._slots[seen[2]].superseded = True
+        slot = len(self._slots)
+        self._slots.append(_Slot(tensor, version, tensor.numel()))
+        self._seen[key] = (weakref.ref(tensor), version, slot)
+        self._pending.append(slot)
+        self._pending_bytes += tensor.numel() * tensor.element_size()
+        if now or self._pending_bytes >= self.budget:
+            self.flush()
+        return slot
+
+    # -- reducing ----------------------------------------------------------------------
+    @torch.no_grad()  # invisible to autograd: no graph, nothing saved for backward
+    def flush(self) -> None:
+        """Reduce every pending tensor now (a few ops per dtype group)."""
+        if not self._pending:
+            return
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for slot in self._pending:
+            entry = self._slots[slot]
+            tensor = entry.tensor
+            entry.stale = entry.version is not None and _version_of(tensor) != entry.version
+            if entry.numel == 0:  # nothing to measure: finite, zero statistics
+                entry.tensor = None
+                continue
+            groups.setdefault((tensor.device, tensor.dtype), []).append(slot)
+        for (device, dtype), slots in groups.items():
+            tensors = [self._slots[s].tensor for s in slots]
+            if not self.full:
+                values = self._flags(tensors)
+            elif self._per_tensor(device):
+                values = self._full_stats_per_tensor(tensors, dtype)
+            else:
+                values = self._full_stats(tensors, device, dtype)
+            self._chunks.append(_Chunk(values, slots))
+            for s in slots:
+                self._slots[s].tensor = None  # let the tensor go
+        self._pending.clear()
+        self._pending_bytes = 0
+        self.flushes += bool(groups)
+
+    @staticmethod
+    def _flags(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm(tensors, 1, dtype=torch.float32))
+
+    def _per_tensor(self, device: torch.device) -> bool:
+        if self.strategy == "auto":
+            # Compiling fuses the multi-tensor statistics on a GPU; on a CPU the
+            # per-tensor ones already make the fewest passes and stay faster.
+            return device.type == "cpu"
+        return self.strategy == "per-tensor"
+
+    @staticmethod
+    def _full_stats_per_tensor(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        # Host memory: values are read where they lie (no device to wait for), so the
+        # counts, zero on a healthy tensor, are taken only for the tensors that need them.
+        l2 = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).numpy()
+        ends = [torch.aminmax(t) for t in tensors]  # one pass for both ends
+        low = torch.stack([e.min for e in ends]).double().numpy()
+        high = torch.stack([e.max for e in ends]).double().numpy()
+        total = torch.stack([t.sum(dtype=torch.float32) for t in tensors]).numpy()
+        rows = np.zeros((len(tensors), RAW_WIDTH), dtype=np.float32)
+        rows[:, 0] = np.maximum(np.abs(low), np.abs(high))  # NaN stays NaN
+        rows[:, 1], rows[:, 2] = l2, total
+        threshold = near_limit_threshold(dtype)
+        for i in np.flatnonzero(~np.isfinite(l2)):
+            rows[i, 3] = float(torch.isnan(tensors[i]).sum())
+            rows[i, 4] = float(torch.isinf(tensors[i]).sum())
+        if threshold is not None:
+            for i in np.flatnonzero(np.nan_to_num(rows[:, 0]) > threshold):
+                rows[i, 5] = float((tensors[i].abs() > threshold).sum())
+        return torch.from_numpy(rows)
+
+    def _full_stats(
+        self, tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        # _chunk_cat flattens tensors of any shape into one (1, N) buffer in one op;
+        # 0-d tensors need a dimension first.
+        flat = torch._chunk_cat([t if t.dim() else t.reshape(1) for t in tensors], 0, 1)
+        lengths = self._lengths_for(tuple(t.numel() for t in tensors), device)
+        threshold = near_limit_threshold(dtype) or math.inf
+        return self._stats(flat, lengths, threshold)
+
+    def _lengths_for(self, numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        # The same shapes come back every step: build each lengths tensor once (on a
+        # GPU, a fresh one would be a host-to-device copy per flush).
+        key = (device, numels)
+        cached = self._lengths.get(key)
+        if cached is None:
+            cached = torch.tensor([numels], device=device)  # (1, S): segments of axis 1
+            self._lengths[key] = cached
+        return cached
+
+    # -- results -----------------------------------------------------------------------
+    def finish(self) -> tuple[list[torch.Tensor], list[int | None], list[int]]:
+        """``(chunks, row_of_slot, numel_of_slot)`` for the whole step (flushes first).
+
+        ``chunks`` are device tensors whose rows, concatenated in order, are the slots'
+        readings. ``row_of_slot[s]`` is None for a slot whose reading is unknown (stale
+        and superseded) or that was empty (nothing to measure, nothing wrong)."""
+        self.flush()
+        row_of: list[int | None] = [None] * len(self._slots)
+        row = 0
+        for chunk in self._chunks:
+            for s in chunk.slots:
+                entry = self._slots[s]
+                if not (entry.stale and entry.superseded):
+                    row_of[s] = row
+                row += 1
+        return [c.values for c in self._chunks], row_of, [s.numel for s in self._slots]
