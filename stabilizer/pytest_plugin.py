@@ -17,8 +17,14 @@ output was finite and w.r.t. its input was not (backward), or the parameter an
 optimizer step made non-finite (optimizer). ``--nan-guard-ops`` also watches
 every aten op, so NaN made by functional code outside modules is caught.
 
-Every check syncs the host with the device (``torch.isfinite(t).all()``): that
-is fine in a test, and is why this is a test tool, not a training-loop one.
+Checks cost no host sync per tensor. Hooks note the tensors they see (no
+kernel); at the end of each outermost forward, each backward and around each
+optimizer step, everything noted is reduced by one multi-tensor op and read once
+(:mod:`stabilizer.probes.batched`, the tracing core's reducer). The first failure
+is then found in the order the hooks fired, and only its details (input abs-max
+and mean, NaN/Inf counts, the module's parameters) are computed. The checks run
+under ``no_grad``: nothing is saved for backward, so activation checkpointing
+sees the same forward with or without the guard.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import os
 import re
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -255,8 +262,21 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+class _Event:
+    """One call of a module (forward) or one gradient (backward), as its hooks saw it."""
+
+    __slots__ = ("module", "path", "call", "number", "inputs", "in_slots", "outputs", "out_slots")
+
+    def __init__(self, module, call: int, number: int, inputs: list, in_slots: list) -> None:
+        self.module, self.call, self.number = module, call, number
+        self.path = ""
+        self.inputs, self.in_slots = inputs, in_slots
+        self.outputs: list = []
+        self.out_slots: list[int] = []
+
+
 class _Guard:
-    """Per-test state: global module/optimizer hooks, checks, first failure."""
+    """Per-test state: global module/optimizer hooks, deferred checks, first failure."""
 
     def __init__(self, nodeid: str, settings: dict, golden: dict | None) -> None:
         self.nodeid = nodeid
@@ -271,7 +291,14 @@ class _Guard:
         self.scope: set[int] | None = None  # module ids, None: every module
         self.scope_params: set[int] | None = None
         self.calls: dict[int, int] = {}
-        self.pending: dict[int, list] = {}
+        self.pending: dict[int, list[_Event]] = {}  # module id -> its open calls
+        self.open_calls = 0
+        self.reducer = None  # made at install (needs torch)
+        self.done: list[_Event] = []  # forward calls in the order they returned
+        self.grad_events: list[tuple[str, object, str, int, int, object]] = []
+        self.in_backward = False
+        self.fwd_bad: set[tuple[int, int]] = set()  # (module id, call) with non-finite output
+        self.grad_owners: dict[int, tuple[weakref.ref, list[tuple]]] = {}
         self.stats: dict[str, list[float]] = {}  # path -> [sum absmax, sum rms, n]
         self.warned: set[str] = set()
         self.ignored_bad = 0  # event counter when an ignored module last went non-finite
@@ -288,7 +315,12 @@ class _Guard:
         import torch.optim.optimizer as optim_hooks
         from torch.nn.modules import module as module_hooks
 
+        from stabilizer.probes.batched import PassReducer, measurable
+
         self.torch = torch
+        self._measurable = measurable
+        self._new_reducer = lambda: PassReducer(full=False)
+        self.reducer = self._new_reducer()
         if model is not None:
             self.scope, self.scope_params = set(), set()
             self.add_scope(model)
@@ -338,19 +370,34 @@ class _Guard:
 
     # ---- checks
     def _bad(self, t) -> bool:
-        # One host sync per tensor: acceptable in tests, and skipped after the first failure.
+        # Eager, with a host sync: used only to describe a failure already found.
         if self.s["nan_only"]:
             return bool(self.torch.isnan(t).any())
         return not bool(self.torch.isfinite(t).all())
 
-    def _floats(self, value) -> list:
-        from torch.utils._pytree import tree_flatten
+    def _bad_reading(self, value: float) -> bool:
+        # An L1 norm: NaN when the tensor holds NaN, Inf when it holds +/-Inf only.
+        return math.isnan(value) if self.s["nan_only"] else not math.isfinite(value)
 
-        flat, _ = tree_flatten(value)
+    def _floats(self, value) -> list:
+        torch = self.torch
+        # The common cases without pytree (a tensor, a tuple of tensors): hooks run for
+        # every module call of every test, so this is most of the plugin's own cost.
+        if isinstance(value, torch.Tensor):
+            flat = [value]
+        elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            flat = value
+        else:
+            from torch.utils._pytree import tree_flatten
+
+            flat, _ = tree_flatten(value)
         return [
             t
             for t in flat
-            if isinstance(t, self.torch.Tensor) and t.is_floating_point() and t.numel()
+            if isinstance(t, self.torch.Tensor)
+            and t.is_floating_point()
+            and self._measurable(t)
+            and t.numel()
         ]
 
     def _active(self, module) -> bool:
@@ -367,52 +414,122 @@ class _Guard:
         self.events += 1
         self._path(module)  # outer modules are called first: they name their children
         self.calls[id(module)] = self.calls.get(id(module), 0) + 1
+        if self.open_calls == 0:
+            # A new outermost forward: hooks registered so far keep their owners; the
+            # map only avoids a second hook on one tensor within a forward.
+            self.grad_owners.clear()
         tensors = self._floats(args)
-        ok = not any(self._bad(t) for t in tensors)
-        info = {"ok": ok, "event": self.events, "call": self.calls[id(module)], "inputs": []}
-        if ok:
-            # Described now: an in-place op inside the module could change them later.
-            with self.torch.no_grad():
-                for t in tensors[:3]:
-                    d = t.detach()
-                    info["inputs"].append(
-                        (
-                            list(t.shape),
-                            str(t.dtype).replace("torch.", ""),
-                            float(d.abs().max()),
-                            float(d.float().mean()),
-                        )
-                    )
-        self.pending.setdefault(id(module), []).append(info)
+        # A module that overwrites its input (ReLU(inplace=True)) is read at once.
+        now = getattr(module, "inplace", False) is True
+        slots = [self.reducer.note(t, now=now) for t in tensors]
+        event = _Event(module, self.calls[id(module)], self.events, tensors, slots)
+        self.pending.setdefault(id(module), []).append(event)
+        self.open_calls += 1
         return None
 
     def _post(self, module, args, output):
         stack = self.pending.get(id(module))
-        if not stack or not self._active(module):
-            if stack:
-                stack.pop()
+        if not stack:
             return None
-        info = stack.pop()
-        path = self._path(module)
-        outputs = self._floats(output)
-        ignored = self.s["ignore"] is not None and self.s["ignore"].fullmatch(path)
-        bad = [t for t in outputs if self._bad(t)]
-        if bad and ignored:
-            self.ignored_bad = self.events
-        elif bad and info["ok"] and self.ignored_bad < info["event"]:
-            self.failure = self._forward_message(module, path, info, bad[0])
+        event = stack.pop()
+        self.open_calls -= 1
+        if not self._active(module):
             return None
-        if bad or ignored:
-            return None
-        if self.collect_stats or self.s["warn_dtype"]:
-            self._measure(path, outputs[0] if outputs else None)
-        for t in outputs:
-            if t.requires_grad:
-                t.register_hook(self._grad_out_hook(module, path, info["call"]))
-        for t in self._floats(args):
-            if t.requires_grad:
-                t.register_hook(self._grad_in_hook(module, path, info["call"]))
+        event.path = self._path(module)
+        event.outputs = self._floats(output)
+        event.out_slots = [self.reducer.note(t) for t in event.outputs]
+        self.done.append(event)
+        ignored = self.s["ignore"] is not None and self.s["ignore"].fullmatch(event.path)
+        if not ignored:
+            for t in event.outputs:
+                if t.requires_grad:
+                    self._watch_grad(t, ("out", module, event.path, event.call))
+            for t in event.inputs:
+                if t.requires_grad:
+                    self._watch_grad(t, ("in", module, event.path, event.call))
+        if self.open_calls == 0:
+            self._judge()  # the outermost forward returned: judge it as a whole
         return None
+
+    def _watch_grad(self, tensor, owner: tuple) -> None:
+        # One hook per tensor, however many module calls it passes through (a layer's
+        # output is its container's output and the next layer's input); each owner gets
+        # the gradient in the order it was registered, as separate hooks would have.
+        key = id(tensor)
+        entry = self.grad_owners.get(key)
+        if entry is not None and entry[0]() is tensor:
+            entry[1].append(owner)
+            return
+        owners = [owner]
+        self.grad_owners[key] = (weakref.ref(tensor), owners)
+
+        def hook(grad):
+            if self.failure is None and self.installed and self._measurable(grad):
+                if not self.in_backward:
+                    self._open_backward()
+                slot = self.reducer.note(grad)
+                for side, module, path, call in owners:
+                    self.grad_events.append((side, module, path, call, slot, grad))
+            return None
+
+        tensor.register_hook(hook)
+
+    def _open_backward(self) -> None:
+        # The forward is complete: judge it, then judge this backward when autograd
+        # finishes it (queue_callback runs at the end of the current backward).
+        self._judge()
+        self.in_backward = True
+
+        def end_of_backward() -> None:
+            self.in_backward = False
+            self._judge()
+
+        self.torch.autograd.Variable._execution_engine.queue_callback(end_of_backward)
+
+    def _judge(self) -> None:
+        """Reduce what was noted since the last judgement (one op, one host read) and
+        find the first failure in the order the hooks fired."""
+        if self.reducer is None:
+            return
+        reducer, self.reducer = self.reducer, self._new_reducer()
+        done, self.done = self.done, []
+        grads, self.grad_events = self.grad_events, []
+        if self.failure is not None or not (done or grads):
+            return
+        chunks, row_of, _ = reducer.finish()
+        values = (
+            self.torch.cat([c.to("cpu") for c in chunks]).numpy() if chunks else []
+        )  # the one read of this pass
+
+        def bad(slot: int) -> bool:
+            row = row_of[slot]  # None: changed in place before the reduction (unknown)
+            return row is not None and self._bad_reading(float(values[row]))
+
+        for event in done:
+            ignored = self.s["ignore"] is not None and self.s["ignore"].fullmatch(event.path)
+            out_bad = [t for t, s in zip(event.outputs, event.out_slots, strict=True) if bad(s)]
+            if out_bad:
+                self.fwd_bad.add((id(event.module), event.call))
+            inputs_ok = not any(bad(slot) for slot in event.in_slots)
+            if out_bad and ignored:
+                self.ignored_bad = event.number
+            elif out_bad and inputs_ok and self.ignored_bad < event.number:
+                self.failure = self._forward_message(event, out_bad[0])
+                return
+            if out_bad or ignored:
+                continue
+            if (self.collect_stats or self.s["warn_dtype"]) and event.outputs:
+                self._measure(event.path, event.outputs[0])
+        grad_out_ok: dict[tuple[int, int], bool] = {}
+        for side, module, path, call, slot, grad in grads:
+            key = (id(module), call)
+            if key in self.fwd_bad:
+                continue  # its forward was already non-finite
+            if side == "out":
+                grad_out_ok[key] = grad_out_ok.get(key, True) and not bad(slot)
+            elif grad_out_ok.get(key, True) and bad(slot):
+                self.failure = self._backward_message(module, path, call, grad)
+                return
 
     def _measure(self, path, t) -> None:
         if t is None:
@@ -438,43 +555,37 @@ class _Guard:
                     stacklevel=2,
                 )
 
-    def _grad_out_hook(self, module, path, call):
-        def hook(grad):
-            key = (id(module), call)
-            if self.failure is None and self.installed:
-                self.grad_out_ok[key] = self.grad_out_ok.get(key, True) and not self._bad(grad)
-            return None
-
-        return hook
-
-    def _grad_in_hook(self, module, path, call):
-        def hook(grad):
-            if self.failure is not None or not self.installed:
-                return None
-            out_ok = self.grad_out_ok.get((id(module), call), True)
-            if out_ok and self._bad(grad):
-                self.failure = self._backward_message(module, path, call, grad)
-            return None
-
-        return hook
+    def _flags(self, tensors: list) -> list[bool]:
+        """Per tensor, whether it is non-finite: one norm per device, one read."""
+        torch = self.torch
+        out = [False] * len(tensors)
+        by_device: dict = {}
+        for i, t in enumerate(tensors):
+            if t is not None and self._measurable(t) and t.numel():
+                by_device.setdefault(t.device, []).append(i)
+        with torch.no_grad():
+            for indices in by_device.values():
+                norms = torch._foreach_norm([tensors[i] for i in indices], 1, dtype=torch.float32)
+                for i, value in zip(indices, torch.stack(norms).cpu().tolist(), strict=True):
+                    out[i] = self._bad_reading(value)
+        return out
 
     def _opt_pre(self, optimizer, args, kwargs):
+        self._judge()  # gradients and forwards first: they come before this step
         if self.failure is not None or not self.installed:
             return
-        self.grads_finite = True
-        self.params_before = set()
-        for _, p in self._opt_params(optimizer):
-            if self._bad(p):
-                self.params_before.add(id(p))
-            if p.grad is not None and self._bad(p.grad):
-                self.grads_finite = False
+        params = [p for _, p in self._opt_params(optimizer)]
+        weights_bad = self._flags(params)
+        self.params_before = {id(p) for p, b in zip(params, weights_bad, strict=True) if b}
+        self.grads_finite = not any(self._flags([p.grad for p in params]))
 
     def _opt_post(self, optimizer, args, kwargs):
         if self.failure is not None or not self.installed:
             return
         before = self.params_before
-        for name, p in self._opt_params(optimizer):
-            if id(p) not in before and self._bad(p):
+        named = list(self._opt_params(optimizer))
+        for (name, p), b in zip(named, self._flags([p for _, p in named]), strict=True):
+            if b and id(p) not in before:
                 self.failure = self._optimizer_message(optimizer, name, p)
                 return
 
@@ -507,16 +618,21 @@ class _Guard:
             ]
         return []
 
-    def _forward_message(self, module, path, info, out) -> str:
+    def _forward_message(self, event: _Event, out) -> str:
+        module, path = event.module, event.path
         dtype = str(out.dtype).replace("torch.", "")
         lines = [
             f"nan-guard: {self.nodeid}: non-finite output in forward of "
-            + self._where(module, path, info["call"]),
+            + self._where(module, path, event.call),
         ]
-        for shape, idt, absmax, mean in info["inputs"]:
-            lines.append(
-                f"  input (finite): shape {shape} {idt}, abs-max {_fmt(absmax)}, mean {_fmt(mean)}"
-            )
+        with self.torch.no_grad():
+            for t in event.inputs[:3]:
+                idt = str(t.dtype).replace("torch.", "")
+                absmax, mean = float(t.abs().max()), float(t.float().mean())
+                lines.append(
+                    f"  input (finite): shape {list(t.shape)} {idt}, abs-max {_fmt(absmax)}, "
+                    f"mean {_fmt(mean)}"
+                )
         lines.append(f"  output: shape {list(out.shape)} {dtype}, {self._counts(out)}")
         lines += self._op_line()
         bad_params = [
@@ -597,6 +713,8 @@ class _Guard:
 
     # ---- end of test
     def finish(self) -> str | None:
+        if self.installed:
+            self._judge()  # what the test's last pass left unjudged
         self.uninstall()
         if self.failure is None and self.watch is not None and self.watch.first is not None:
             f = self.watch.first

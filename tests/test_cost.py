@@ -254,3 +254,52 @@ def test_readings_of_a_pass_wait_for_its_end_and_hold_no_graph():
         out["loss"].backward()
         record = tracer.end_step(loss=out["loss"])
     assert record.clean
+
+
+def test_the_pytest_guard_adds_the_same_ops_however_deep_the_model():
+    """``pytest --nan-guard`` notes every module call's tensors and reduces each pass
+    at once: no op (and no host read) per tensor, so depth costs it nothing in ops."""
+    from stabilizer.pytest_plugin import _Guard
+
+    settings = {"ops": False, "nan_only": False, "ignore": None, "warn_dtype": None}
+    settings |= {"record": False, "golden": None, "rtol": 0.1}
+
+    def extra_ops(depth: int) -> dict[str, int]:
+        counts = {}
+        for guarded in (False, True):
+            model = Stack(depth)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            guard = _Guard("test", settings, None)
+            if guarded:
+                guard.install(None)
+            counter = OpCounter(optimizer)
+            try:
+                with counter:
+                    model(**batch())["loss"].backward()
+                    optimizer.step()
+            finally:
+                counter.remove()
+                message = guard.finish() if guarded else None
+            assert message is None
+            counts[guarded] = dict(counter.by_phase)
+        return {p: counts[True].get(p, 0) - counts[False].get(p, 0) for p in PHASES}
+
+    shallow, deep = extra_ops(2), extra_ops(8)
+    assert shallow == deep, (shallow, deep)
+    assert sum(deep.values()) <= 16, deep  # a few per pass and per optimizer hook
+
+
+def test_the_pytest_guard_still_names_the_first_offender_among_many(tmp_path):
+    from stabilizer.pytest_plugin import _Guard
+
+    settings = {"ops": False, "nan_only": False, "ignore": None, "warn_dtype": None}
+    settings |= {"record": False, "golden": None, "rtol": 0.1}
+    model = Stack(6)
+    with torch.no_grad():
+        model.blocks[3][0].weight[0, 0] = math.inf  # block 3's Linear: inf * x, then inf-inf
+    guard = _Guard("test", settings, None)
+    guard.install(None)
+    model(**batch())["loss"].backward()
+    message = guard.finish()
+    assert "forward of module 'blocks.3.0' (Linear)" in message, message
+    assert "own parameters are non-finite (weight)" in message

@@ -165,6 +165,42 @@ def test_backward():
     )
 
 
+def test_gradient_checkpointing_sees_the_same_forward_with_the_guard(run):
+    """Non-reentrant checkpointing compares what the forward saved with what the
+    recompute saves; a check that saved tensors for backward (isfinite on a tensor
+    that requires grad) made them differ. The guard's checks are invisible to autograd."""
+    result = run(
+        """
+from torch.utils.checkpoint import checkpoint
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+def test_checkpointed():
+    block, head = seeded(Block()), torch.nn.Linear(4, 1)
+    x = batch().requires_grad_()
+    h = checkpoint(block, x, use_reentrant=False)
+    head(h).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+def test_checkpointed_nan_backward_is_still_named():
+    block = seeded(Block())
+    x = batch().requires_grad_()
+    h = checkpoint(lambda t: BadBackward()(block(t)), x, use_reentrant=False)
+    h.sum().backward()
+""",
+        "--nan-guard",
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*non-finite gradient in backward of module*(BadBackward)*"])
+    assert "CheckpointError" not in result.stdout.str()
+
+
 def test_optimizer_nan(run):
     result = run(
         """

@@ -14,13 +14,14 @@ when the noted tensors pass a memory budget, everything noted is reduced at once
 
 Exactness under in-place ops. A reduction that runs later than the hook sees the
 tensor as it is *then*. Each noted tensor keeps its version counter; a tensor
-changed in place before the flush is *stale*. When the same tensor was noted again
-after the change (``h[0] = nan`` between module ``a``'s output and module ``b``'s
-input), the later note tells what happened and the stale one is reported as
-unknown (finite, no statistics), so ``a`` is not blamed for what came after it.
-Inputs of modules that say they work in place (``nn.ReLU(inplace=True)``,
-``Dropout(inplace=True)``) are measured at once instead, so the module before
-them keeps an exact reading.
+changed in place before the flush is *stale*, and its reading is reported as
+unknown (finite, no statistics): what it held when its hook ran is gone, and what
+it holds now was made later, by someone else. So ``h[0] = nan`` between module
+``a``'s output and module ``b``'s input is not blamed on ``a`` (``b``'s input,
+noted after the change, is a new reading and shows it), and a module that writes
+NaN into its own input is blamed itself. Inputs of modules that say they work in
+place (``nn.ReLU(inplace=True)``, ``Dropout(inplace=True)``) are measured at once
+instead, so the module before them keeps an exact reading.
 """
 
 from __future__ import annotations
@@ -102,7 +103,6 @@ class _Slot:
     version: int | None
     numel: int
     stale: bool = False
-    superseded: bool = False
 
 
 @dataclass
@@ -151,14 +151,10 @@ class PassReducer:
         key = id(tensor)
         version = _version_of(tensor)
         seen = self._seen.get(key)
-        if seen is not None and seen[0]() is tensor:
-            if version is not None and seen[1] == version:
-                if now:
-                    self.flush()  # noted earlier but maybe still pending: measure it now
-                return seen[2]
-            # The same tensor, changed in place since it was noted: the earlier
-            # reading (if it is taken only now) is about this later state, not its own.
-            self._slots[seen[2]].superseded = True
+        if seen is not None and seen[0]() is tensor and version is not None and seen[1] == version:
+            if now:
+                self.flush()  # noted earlier but maybe still pending: measure it now
+            return seen[2]
         slot = len(self._slots)
         self._slots.append(_Slot(tensor, version, tensor.numel()))
         self._seen[key] = (weakref.ref(tensor), version, slot)
@@ -255,15 +251,15 @@ class PassReducer:
         """``(chunks, row_of_slot, numel_of_slot)`` for the whole step (flushes first).
 
         ``chunks`` are device tensors whose rows, concatenated in order, are the slots'
-        readings. ``row_of_slot[s]`` is None for a slot whose reading is unknown (stale
-        and superseded) or that was empty (nothing to measure, nothing wrong)."""
+        readings. ``row_of_slot[s]`` is None for a slot whose reading is unknown (its
+        tensor changed in place before the reduction) or that was empty (nothing to
+        measure, nothing wrong)."""
         self.flush()
         row_of: list[int | None] = [None] * len(self._slots)
         row = 0
         for chunk in self._chunks:
             for s in chunk.slots:
-                entry = self._slots[s]
-                if not (entry.stale and entry.superseded):
+                if not self._slots[s].stale:
                     row_of[s] = row
                 row += 1
         return [c.values for c in self._chunks], row_of, [s.numel for s in self._slots]
