@@ -142,13 +142,147 @@ def _ops_section(result: dict) -> list[str]:
     return lines + [""]
 
 
+def _memory_section(result: dict) -> list[str]:
+    lines = [
+        f"### Peak memory of a step, traced vs untraced — `{result['preset']}`, "
+        f"{result['precision']}, batch {result['batch_size']}",
+        "",
+        f"- machine: {result['machine']}; date {result['date']}",
+        f"- command: `{result['command']}`",
+        "- peak of live tensor bytes during one step, above what was alive before it "
+        "(CPU: the profiler's allocation events; CUDA: the allocator's peak); best of rounds",
+        f"- held across steps besides: the pre-step snapshot of the trainable tensors and "
+        f"optimizer state, {result['held_snapshot_mib']:.2f} MiB",
+        "",
+        "| mode | step peak | ratio to untraced |",
+        "|---|---:|---:|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['mode']} | {row['step_peak_mib']:.1f} MiB | {row['ratio_to_untraced']:.3f} |"
+        )
+    return lines + [""]
+
+
+def _on_gpu(result: dict) -> bool:
+    # machine_description() names the card on a GPU and says "CPU" otherwise.
+    return " CPU," not in result.get("machine", "")
+
+
+def _find(results: list[dict], kind: str, preset: str, *, cuda: bool = False) -> dict | None:
+    """The newest result of ``kind`` for ``preset`` on a CPU (or a CUDA) machine."""
+    chosen = [
+        r
+        for r in results
+        if r.get("benchmark") == kind and r.get("preset") == preset and _on_gpu(r) == cuda
+    ]
+    return max(chosen, key=lambda r: r.get("date", ""), default=None)
+
+
+def _ratio(result: dict | None, mode: str) -> float | None:
+    if result is None:
+        return None
+    for row in result.get("rows", []):
+        if row.get("mode") == mode and "ratio_to_untraced" in row:
+            return row["ratio_to_untraced"]
+    return None
+
+
+def _x(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.2f}x"
+
+
+def cost_summary(results: list[dict]) -> tuple[list[str], str]:
+    """The targets table (issue 11) and the README's "what it costs" paragraph."""
+    tiny, real = "tiny-instructblip-t5", "medium-instructblip-t5"
+    trace_tiny = _find(results, "trace", tiny)
+    trace_real = _find(results, "trace", real)
+    ops = _find(results, "ops", tiny)
+    ddp = _find(results, "ddp", real)
+    plugin = next((r for r in results if r.get("benchmark") == "plugin"), None)
+    gpu = next(
+        (r for r in results if r.get("benchmark") == "trace" and _on_gpu(r)),
+        None,
+    )
+    memory = _find(results, "memory", tiny)
+    ops_rows = {r["mode"]: r for r in (ops or {}).get("rows", [])}
+    mem = max(
+        (r["ratio_to_untraced"] for r in (memory or {}).get("rows", []) if r["mode"] != "untraced"),
+        default=None,
+    )
+    rows = [
+        (
+            "real-size Q-Former, CPU, check every step",
+            _x(_ratio(trace_real, "trace-check")),
+            "<= 1.02x",
+        ),
+        (
+            "real-size Q-Former, CPU, full every step",
+            _x(_ratio(trace_real, "trace-full")),
+            "<= 1.10x",
+        ),
+        ("tiny preset, CPU, check every step", _x(_ratio(trace_tiny, "trace-check")), "<= 1.10x"),
+        ("tiny preset, CPU, full every step", _x(_ratio(trace_tiny, "trace-full")), "<= 1.50x"),
+        ("DDP 2 CPU ranks, real-size Q-Former, full", _x(ddp and ddp.get("ratio")), "<= 1.15x"),
+        ("`pytest --nan-guard`, tiny training test", _x(plugin and plugin.get("ratio")), "<= 1.5x"),
+        (
+            "GPU real-size bf16, check / full",
+            f"{_x(_ratio(gpu, 'trace-check'))} / {_x(_ratio(gpu, 'trace-full'))}"
+            + (f" ({gpu['date']}, before the batched reduction)" if gpu else ""),
+            "<= 1.05x / <= 1.15x",
+        ),
+        ("peak step memory, traced vs untraced (tiny, CPU)", _x(mem), "<= 1.05x"),
+        (
+            "extra aten ops, tiny preset: check / full step",
+            f"{ops_rows['check']['extra_ops']} / {ops_rows['full']['extra_ops']}"
+            if {"check", "full"} <= ops_rows.keys()
+            else "not measured",
+            "<= 64 / <= 400",
+        ),
+    ]
+    table = (
+        [
+            "## Targets",
+            "",
+            "Each row from the newest result below; ratios to the untraced step in one process.",
+            "",
+            "| what | now | target |",
+            "|---|---|---|",
+        ]
+        + [f"| {what} | {now} | {target} |" for what, now, target in rows]
+        + [""]
+    )
+    check_ops = ops_rows.get("check", {}).get("extra_ops")
+    full_ops = ops_rows.get("full", {}).get("extra_ops")
+    modules = ops_rows.get("check", {}).get("probed_modules")
+    paragraph = (
+        "What it costs (measured by `make bench`, details in [BENCHMARKS.md](BENCHMARKS.md)): "
+        f"hooks launch no kernels of their own; each pass's tensors are reduced together, so a "
+        f"check step adds {check_ops} aten ops and a full step {full_ops} on the tiny preset "
+        f"({modules} probed modules), however many modules are probed, and no host sync "
+        f"besides the step's one copy. In time, on 2 CPU cores: the NaN/Inf check on every "
+        f"step costs {_x(_ratio(trace_real, 'trace-check'))} on the real-size Q-Former and "
+        f"{_x(_ratio(trace_tiny, 'trace-check'))} on the tiny preset; full statistics on every "
+        f"step {_x(_ratio(trace_real, 'trace-full'))} and {_x(_ratio(trace_tiny, 'trace-full'))}. "
+        f"`pytest --nan-guard` costs {_x(plugin and plugin.get('ratio'))} on a training test. "
+        "For long runs, `--trace-every 10` or more keeps the plots' detail while the check "
+        "runs on every step. `torch.autograd.detect_anomaly` costs "
+        f"{_x(_ratio(trace_tiny, 'detect-anomaly'))} on the same tiny steps and ignores Inf."
+    )
+    return table, paragraph
+
+
 SECTIONS = {
     "loop": _loop_section,
     "trace": _trace_section,
     "ops": _ops_section,
     "ddp": _ddp_section,
     "plugin": _plugin_section,
+    "memory": _memory_section,
 }
+
+README_START = "<!-- costs: generated by benchmarks/report.py -->"
+README_END = "<!-- /costs -->"
 
 
 def write_report(results_dir: Path, out: Path) -> None:
@@ -158,7 +292,8 @@ def write_report(results_dir: Path, out: Path) -> None:
             results.append(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
             print(f"skipping {path}: {err}", file=sys.stderr)
-    lines = [HEADER]
+    table, paragraph = cost_summary(results)
+    lines = [HEADER] + table
     for kind, render in SECTIONS.items():
         chosen = [r for r in results if r.get("benchmark") == kind]
         key = lambda r: ("cuda" in r.get("machine", "").lower(), r.get("preset", ""))  # noqa: E731
@@ -169,6 +304,14 @@ def write_report(results_dir: Path, out: Path) -> None:
         lines += ["## Notes", "", notes.read_text().strip(), ""]
     out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {out}")
+    readme = out.parent / "README.md"
+    if readme.exists():
+        text = readme.read_text()
+        if README_START in text and README_END in text:
+            head, rest = text.split(README_START, 1)
+            _, tail = rest.split(README_END, 1)
+            readme.write_text(f"{head}{README_START}\n{paragraph}\n{README_END}{tail}")
+            print(f"updated the costs paragraph of {readme}")
 
 
 if __name__ == "__main__":

@@ -126,8 +126,9 @@ class TrainConfig:
     compile_stats: bool = field(
         default=False,
         metadata=_help(
-            "fuse the per-tensor statistics with torch.compile (faster full tracing; "
-            "compiles once at start)"
+            "fuse the full statistics of each pass with torch.compile on a GPU (compiles "
+            "once at start; a CPU keeps its per-tensor single-pass statistics, which are "
+            "faster there)"
         ),
     )
     on_anomaly: str = field(

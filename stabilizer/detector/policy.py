@@ -98,6 +98,13 @@ class StateSnapshot:
     def ready(self) -> bool:
         return self._weights is not None
 
+    def nbytes(self) -> int:
+        """Bytes this snapshot holds (weights and optimizer state tensors)."""
+        tensors = list(self._weights or [])
+        for st in (self._state or {}).values():
+            tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     @torch.no_grad()
     def restore(self) -> None:
         if self._weights is None or self._state is None:
