@@ -55,6 +55,9 @@ bench: $(STAMP)
 		--steps 3 --rounds 3 --warmup 1 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_plugin.py
 	$(BIN)/python benchmarks/bench_ops.py --preset tiny-instructblip-t5 --batch-size 4 $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_memory.py --preset tiny-instructblip-t5 --batch-size 32 $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_memory.py --preset medium-instructblip-t5 --batch-size 4 \
+		--rounds 2 $(BENCH_ARGS)
 
 # Open real report pages in headless Chromium (installs Debian's chromium as root if
 # missing): first prove the checker catches a throw/console.error/broken image, then

@@ -1,8 +1,8 @@
 """Peak memory of a training step, traced vs untraced, measured the same way in one process.
 
 The torch profiler records every CPU tensor allocation and free (``profile_memory``);
-the peak of the running sum over one step is that step's peak of live tensor bytes
-above what was alive before it (model, optimizer state, the batch). On CUDA the
+the peak of its memory timeline over one step, less the bytes alive when the step
+began (model, optimizer state, the batch), is the step's peak. On CUDA the
 allocator's own peak (``max_memory_allocated``) is used instead. Modes alternate
 on the same model and batch:
 
@@ -48,21 +48,25 @@ from stabilizer.train import build_model, make_encoder, make_optimizer, train_st
 
 
 def cpu_peak_bytes(run) -> int:
-    """Peak of live CPU tensor bytes during ``run()``, above those alive before it."""
+    """Peak of live CPU tensor bytes during ``run()``, above those alive when it began.
+
+    From the profiler's memory timeline (every allocation and free, by category), the
+    only CPU-side account of tensor memory torch keeps."""
+    import warnings
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
         run()
-    changes = sorted(
-        (e.time_range.start, e.cpu_memory_usage)
-        for e in prof.events()
-        if e.name == "[memory]" and e.cpu_memory_usage
-    )
-    live = peak = 0
-    for _, delta in changes:
-        live += delta
-        peak = max(peak, live)
-    return peak
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated for CUDA; CPU has no other
+        path = Path(scratch) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    totals = [sum(s) for s in sizes]
+    return max(totals) - totals[0] if totals else 0
 
 
 def peak_bytes(run, device: torch.device) -> int:

@@ -10,3 +10,10 @@ python3 benchmarks/bench_loop.py --preset instructblip-flan-t5-xl-random --preci
     --batch-sizes 8,16,24 --device cuda --steps 5 --rounds 4 --warmup 2 --out "$out" --no-report
 python3 benchmarks/bench_trace.py --preset instructblip-flan-t5-xl-random --precision bf16 \
     --batch-size 8 --device cuda --steps 3 --rounds 3 --warmup 1 --out "$out" --no-report
+# Peak step memory traced vs untraced (the allocator's own peak on CUDA).
+python3 benchmarks/bench_memory.py --preset instructblip-flan-t5-xl-random --precision bf16 \
+    --batch-size 8 --device cuda --rounds 2 --out "$out" --no-report
+# The op counter is device-independent (each op is a launch on a GPU) and counts on a
+# CPU, where autograd's backward runs in the calling thread; run it here too so the
+# GPU result set is complete: `python3 benchmarks/bench_ops.py --out "$out" --no-report`.
+python3 benchmarks/bench_ops.py --preset tiny-instructblip-t5 --batch-size 4 --out "$out" --no-report

@@ -319,7 +319,9 @@ class _Guard:
 
         self.torch = torch
         self._measurable = measurable
-        self._new_reducer = lambda: PassReducer(full=False)
+        # Budgeted by the last forward's bytes, as in tracing (a small share held).
+        self._new_reducer = lambda: PassReducer(full=False, forward_bytes=self.forward_bytes)
+        self.forward_bytes = None
         self.reducer = self._new_reducer()
         if model is not None:
             self.scope, self.scope_params = set(), set()
@@ -477,7 +479,11 @@ class _Guard:
     def _open_backward(self) -> None:
         # The forward is complete: judge it, then judge this backward when autograd
         # finishes it (queue_callback runs at the end of the current backward).
+        if self.reducer is not None:
+            self.forward_bytes = self.reducer.noted_bytes or None
         self._judge()
+        if self.reducer is not None:
+            self.reducer.begin_backward(self.forward_bytes)
         self.in_backward = True
 
         def end_of_backward() -> None:

@@ -122,21 +122,31 @@ class PassReducer:
     (or None when the reading is unknown or the tensor was empty).
     """
 
-    # Flush early once the noted tensors hold this many bytes: held gradients (and
-    # activations autograd did not need) must not grow the peak memory of a step.
-    # Full steps also make fp32 temporaries of the flattened buffer, so theirs is lower.
+    # Flush early once the noted tensors hold this many bytes: a held tensor that
+    # would otherwise be freed (most gradients, some activations) is memory the step
+    # did not need. The budget is a small share of what the previous step's forward
+    # noted (about the step's activations), so the peak memory of a step grows by at
+    # most about that share, for a few more reductions per pass on large models. The
+    # first step, with nothing to go by, uses the fixed budgets (full steps also make
+    # fp32 temporaries of the flattened buffer, so theirs is lower).
     check_budget_bytes = 64 * 2**20
     full_budget_bytes = 16 * 2**20
+    budget_share = 0.05
+    min_budget_bytes = 2 * 2**20
     # How full statistics are reduced: "multi-tensor" (a fixed number of ops per
     # statistic: what a GPU, where launches are the cost, runs), "per-tensor" (two
     # single-pass ops per tensor, counts only where a tensor needs them: on a CPU the
     # cost is passes over memory, not launches) or "auto" (by device).
     strategy = "auto"
 
-    def __init__(self, full: bool, *, compiled: bool = False) -> None:
+    def __init__(
+        self, full: bool, *, compiled: bool = False, forward_bytes: int | None = None
+    ) -> None:
         self.full = full
-        self._stats = compiled_segment_stats() if full and compiled else segment_stats
+        self.compiled = compiled  # compiles on first use: only the multi-tensor path uses it
         self.budget = self.full_budget_bytes if full else self.check_budget_bytes
+        if forward_bytes:
+            self.begin_backward(forward_bytes)  # the same share, from the last forward
         self._slots: list[_Slot] = []
         self._pending: list[int] = []
         self._pending_bytes = 0
@@ -144,6 +154,12 @@ class PassReducer:
         self._seen: dict[int, tuple[weakref.ref, int | None, int]] = {}
         self._lengths: dict[tuple, torch.Tensor] = {}
         self.flushes = 0
+        self.noted_bytes = 0  # over the reducer's life, for the backward budget
+
+    def begin_backward(self, forward_bytes: int | None = None) -> None:
+        """Budget the rest of the pass by a share of a forward's bytes (this one's)."""
+        forward = self.noted_bytes if forward_bytes is None else forward_bytes
+        self.budget = min(self.budget, max(self.min_budget_bytes, int(self.budget_share * forward)))
 
     # -- noting ------------------------------------------------------------------------
     def note(self, tensor: torch.Tensor, *, now: bool = False) -> int:
@@ -159,7 +175,9 @@ class PassReducer:
         self._slots.append(_Slot(tensor, version, tensor.numel()))
         self._seen[key] = (weakref.ref(tensor), version, slot)
         self._pending.append(slot)
-        self._pending_bytes += tensor.numel() * tensor.element_size()
+        nbytes = tensor.numel() * tensor.element_size()
+        self._pending_bytes += nbytes
+        self.noted_bytes += nbytes
         if now or self._pending_bytes >= self.budget:
             self.flush()
         return slot
@@ -234,7 +252,8 @@ class PassReducer:
         flat = torch._chunk_cat([t if t.dim() else t.reshape(1) for t in tensors], 0, 1)
         lengths = self._lengths_for(tuple(t.numel() for t in tensors), device)
         threshold = near_limit_threshold(dtype) or math.inf
-        return self._stats(flat, lengths, threshold)
+        stats = compiled_segment_stats() if self.compiled else segment_stats
+        return stats(flat, lengths, threshold)
 
     def _lengths_for(self, numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
         # The same shapes come back every step: build each lengths tensor once (on a

@@ -211,6 +211,7 @@ class Tracer:
         self.trace_every = trace_every
         self.attention_scores = attention_scores
         self.compile_stats = compile_stats
+        self._last_forward_bytes: int | None = None  # sizes the reducer's memory budget
         chosen = select_modules(model, pattern)
         self.modules: list[ProbedModule] = []
         self._index: dict[int, int] = {}
@@ -304,7 +305,9 @@ class Tracer:
     # -- step boundaries -----------------------------------------------------------
     def _reset_step_buffers(self) -> None:
         # Hooks note tensors here; each pass's notes are reduced together.
-        self._reducer = PassReducer(self._full, compiled=self.compile_stats)
+        self._reducer = PassReducer(
+            self._full, compiled=self.compile_stats, forward_bytes=self._last_forward_bytes
+        )
         self._entries: list[tuple[str, int, int]] = []  # (site, module index, slot)
         self._backward_open = False
         self._order: dict[str, list[int]] = {site: [] for site in SITES}
@@ -392,6 +395,8 @@ class Tracer:
         # at the end of the current backward, in its thread).
         self._backward_open = True
         self._reducer.flush()
+        self._last_forward_bytes = self._reducer.noted_bytes
+        self._reducer.begin_backward()
         reducer = self._reducer
 
         def end_of_backward() -> None:
