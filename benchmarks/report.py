@@ -303,6 +303,7 @@ def write_report(results_dir: Path, out: Path) -> None:
     if notes.exists():
         lines += ["## Notes", "", notes.read_text().strip(), ""]
     out.write_text("\n".join(lines).rstrip() + "\n")
+    print("\n".join(table))
     print(f"wrote {out}")
     readme = out.parent / "README.md"
     if readme.exists():
