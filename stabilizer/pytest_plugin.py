@@ -35,7 +35,6 @@ import os
 import re
 import tempfile
 import warnings
-import weakref
 from pathlib import Path
 
 import pytest
@@ -298,7 +297,7 @@ class _Guard:
         self.grad_events: list[tuple[str, object, str, int, int, object]] = []
         self.in_backward = False
         self.fwd_bad: set[tuple[int, int]] = set()  # (module id, call) with non-finite output
-        self.grad_owners: dict[int, tuple[weakref.ref, list[tuple]]] = {}
+        self.grad_hooks = None  # made at install (needs torch)
         self.stats: dict[str, list[float]] = {}  # path -> [sum absmax, sum rms, n]
         self.warned: set[str] = set()
         self.ignored_bad = 0  # event counter when an ignored module last went non-finite
@@ -316,9 +315,13 @@ class _Guard:
         from torch.nn.modules import module as module_hooks
 
         from stabilizer.probes.batched import PassReducer, measurable
+        from stabilizer.probes.gradhooks import SharedGradHooks
 
         self.torch = torch
         self._measurable = measurable
+        # One hook per tensor however many module calls it passes through (a layer's
+        # output is its container's output and the next layer's input).
+        self.grad_hooks = SharedGradHooks(self._on_grad)
         # Budgeted by the last forward's bytes, as in tracing (a small share held).
         self._new_reducer = lambda: PassReducer(full=False, forward_bytes=self.forward_bytes)
         self.forward_bytes = None
@@ -419,7 +422,7 @@ class _Guard:
         if self.open_calls == 0:
             # A new outermost forward: hooks registered so far keep their owners; the
             # map only avoids a second hook on one tensor within a forward.
-            self.grad_owners.clear()
+            self.grad_hooks.forget()
         tensors = self._floats(args)
         # A module that overwrites its input (ReLU(inplace=True)) is read at once.
         now = getattr(module, "inplace", False) is True
@@ -454,27 +457,15 @@ class _Guard:
         return None
 
     def _watch_grad(self, tensor, owner: tuple) -> None:
-        # One hook per tensor, however many module calls it passes through (a layer's
-        # output is its container's output and the next layer's input); each owner gets
-        # the gradient in the order it was registered, as separate hooks would have.
-        key = id(tensor)
-        entry = self.grad_owners.get(key)
-        if entry is not None and entry[0]() is tensor:
-            entry[1].append(owner)
-            return
-        owners = [owner]
-        self.grad_owners[key] = (weakref.ref(tensor), owners)
+        self.grad_hooks.watch(tensor, owner)  # the hook lives and dies with the tensor
 
-        def hook(grad):
-            if self.failure is None and self.installed and self._measurable(grad):
-                if not self.in_backward:
-                    self._open_backward()
-                slot = self.reducer.note(grad)
-                for side, module, path, call in owners:
-                    self.grad_events.append((side, module, path, call, slot, grad))
-            return None
-
-        tensor.register_hook(hook)
+    def _on_grad(self, grad, owners: list[tuple]) -> None:
+        if self.failure is None and self.installed and self._measurable(grad):
+            if not self.in_backward:
+                self._open_backward()
+            slot = self.reducer.note(grad)
+            for side, module, path, call in owners:
+                self.grad_events.append((side, module, path, call, slot, grad))
 
     def _open_backward(self) -> None:
         # The forward is complete: judge it, then judge this backward when autograd
@@ -483,7 +474,7 @@ class _Guard:
             self.forward_bytes = self.reducer.noted_bytes or None
         self._judge()
         if self.reducer is not None:
-            self.reducer.begin_backward(self.forward_bytes)
+            self.reducer.budget_by(self.forward_bytes)
         self.in_backward = True
 
         def end_of_backward() -> None:
@@ -503,9 +494,7 @@ class _Guard:
         if self.failure is not None or not (done or grads):
             return
         chunks, row_of, _ = reducer.finish()
-        values = (
-            self.torch.cat([c.to("cpu") for c in chunks]).numpy() if chunks else []
-        )  # the one read of this pass
+        values = self._read(chunks)  # the one read of this pass
 
         def bad(slot: int) -> bool:
             row = row_of[slot]  # None: changed in place before the reduction (unknown)
@@ -561,20 +550,25 @@ class _Guard:
                     stacklevel=2,
                 )
 
+    def _read(self, chunks: list):
+        """The reducer's readings on the host, in row order (one copy, no cat for one)."""
+        if not chunks:
+            return self.torch.zeros(0).numpy()
+        flat = chunks[0] if len(chunks) == 1 else self.torch.cat([c.to("cpu") for c in chunks])
+        return flat.cpu().numpy()
+
     def _flags(self, tensors: list) -> list[bool]:
-        """Per tensor, whether it is non-finite: one norm per device, one read."""
-        torch = self.torch
-        out = [False] * len(tensors)
-        by_device: dict = {}
-        for i, t in enumerate(tensors):
-            if t is not None and self._measurable(t) and t.numel():
-                by_device.setdefault(t.device, []).append(i)
-        with torch.no_grad():
-            for indices in by_device.values():
-                norms = torch._foreach_norm([tensors[i] for i in indices], 1, dtype=torch.float32)
-                for i, value in zip(indices, torch.stack(norms).cpu().tolist(), strict=True):
-                    out[i] = self._bad_reading(value)
-        return out
+        """Per tensor, whether it is non-finite: the reducer's one norm per dtype, one read."""
+        reducer = self._new_reducer()
+        slots = [
+            reducer.note(t) if t is not None and self._measurable(t) else None for t in tensors
+        ]
+        chunks, row_of, _ = reducer.finish()
+        values = self._read(chunks).tolist()
+        return [
+            s is not None and row_of[s] is not None and self._bad_reading(values[row_of[s]])
+            for s in slots
+        ]
 
     def _opt_pre(self, optimizer, args, kwargs):
         self._judge()  # gradients and forwards first: they come before this step

@@ -117,9 +117,9 @@ class PassReducer:
     """Collects the tensors one step's hooks saw and reduces them in a few ops.
 
     ``note(tensor)`` returns a slot number (one slot per distinct tensor and version:
-    a tensor seen by several probes is measured once). ``finish(device)`` flushes
-    and returns the step's readings: one device tensor and, per slot, its row in it
-    (or None when the reading is unknown or the tensor was empty).
+    a tensor seen by several probes is measured once). ``finish()`` flushes and
+    returns the step's readings: device tensors of rows and, per slot, its row in
+    them (or None when the reading is unknown or the tensor was empty).
     """
 
     # Flush early once the noted tensors hold this many bytes: a held tensor that
@@ -146,7 +146,7 @@ class PassReducer:
         self.compiled = compiled  # compiles on first use: only the multi-tensor path uses it
         self.budget = self.full_budget_bytes if full else self.check_budget_bytes
         if forward_bytes:
-            self.begin_backward(forward_bytes)  # the same share, from the last forward
+            self.budget_by(forward_bytes)  # the same share, from the last forward
         self._slots: list[_Slot] = []
         self._pending: list[int] = []
         self._pending_bytes = 0
@@ -156,8 +156,8 @@ class PassReducer:
         self.flushes = 0
         self.noted_bytes = 0  # over the reducer's life, for the backward budget
 
-    def begin_backward(self, forward_bytes: int | None = None) -> None:
-        """Budget the rest of the pass by a share of a forward's bytes (this one's)."""
+    def budget_by(self, forward_bytes: int | None = None) -> None:
+        """Budget from here on by a share of a forward's bytes (default: this one's)."""
         forward = self.noted_bytes if forward_bytes is None else forward_bytes
         self.budget = min(self.budget, max(self.min_budget_bytes, int(self.budget_share * forward)))
 

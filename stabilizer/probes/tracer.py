@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import re
-import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +43,7 @@ from torch import nn
 
 from stabilizer.errors import ConfigError
 from stabilizer.probes.batched import RAW_WIDTH, PassReducer, measurable
+from stabilizer.probes.gradhooks import SharedGradHooks
 from stabilizer.probes.naming import describe, strip_peft
 from stabilizer.probes.schema import PARAM_STATS, SITES, TENSOR_STATS
 from stabilizer.probes.stats import (
@@ -315,7 +315,7 @@ class Tracer:
         self._scores: list[tuple[int, torch.Tensor]] = []
         self._inputs: list[tuple[str, int]] = []  # (argument name, slot)
         self._last_qk: dict[tuple[str, str], torch.Tensor] = {}
-        self._grad_in_tensors: dict[int, tuple[weakref.ref, list[int]]] = {}
+        self._grad_in = SharedGradHooks(self._credit_grad_in)
         self._param_device: dict[str, torch.Tensor] = {}
         self._snapshot: list[torch.Tensor] | None = None
         self._optimizer_stepped = False
@@ -396,7 +396,7 @@ class Tracer:
         self._backward_open = True
         self._reducer.flush()
         self._last_forward_bytes = self._reducer.noted_bytes
-        self._reducer.begin_backward()
+        self._reducer.budget_by()
         reducer = self._reducer
 
         def end_of_backward() -> None:
@@ -434,22 +434,13 @@ class Tracer:
     def _watch_grad_in(self, tensor: torch.Tensor, index: int) -> None:
         # One tensor often feeds several modules (hidden states -> query, key, value):
         # hook it once and credit the gradient to each of them.
-        # Keyed by id, checked by a weak reference: a tensor that died within the step
-        # leaves its id to a new one (CPython reuses it at once), and the new tensor's
-        # gradient must get a hook of its own, not be credited to the dead one's owners.
-        key = id(tensor)
-        entry = self._grad_in_tensors.get(key)
-        if entry is not None and entry[0]() is tensor:
-            entry[1].append(index)
-            return
-        owners = [index]
-        self._grad_in_tensors[key] = (weakref.ref(tensor), owners)
+        handle = self._grad_in.watch(tensor, index)
+        if handle is not None:
+            self._tensor_handles.append(handle)
 
-        def grad_hook(grad):
-            for owner in owners:
-                self._record("grad_in", owner, grad)
-
-        self._tensor_handles.append(tensor.register_hook(grad_hook))
+    def _credit_grad_in(self, grad: torch.Tensor, owners: list[int]) -> None:
+        for owner in owners:
+            self._record("grad_in", owner, grad)
 
     def _make_post_hook(self, index: int):
         info = self.modules[index]
