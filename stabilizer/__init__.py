@@ -10,7 +10,7 @@ nothing when it is not enabled; the heavy parts load on first use.
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["NumericalAnomalyError", "watch", "trace"]
+__all__ = ["NumericalAnomalyError", "PreflightError", "check", "watch", "trace"]
 
 
 def watch(model, optimizer, **options):
@@ -25,11 +25,24 @@ def watch(model, optimizer, **options):
     return Watch(model, optimizer, **options)
 
 
+def check(model, optimizer=None, *, scaler=None, batches=()):
+    """The preflight of ``stabilizer check`` on your own model, optimizer, scaler and
+    first batches, before step 0: a report with ``.errors``, ``.warnings``,
+    ``.table()`` (rich) and ``.raise_for_errors()``. Nothing is run or changed."""
+    from stabilizer.preflight import preflight
+
+    return preflight(model, optimizer, scaler=scaler, batches=batches)
+
+
 def __getattr__(name: str) -> Any:
     if name == "NumericalAnomalyError":
         from stabilizer.detector.policy import NumericalAnomalyError
 
         return NumericalAnomalyError
+    if name == "PreflightError":
+        from stabilizer.preflight import PreflightError
+
+        return PreflightError
     raise AttributeError(f"module 'stabilizer' has no attribute {name!r}")
 
 

@@ -27,6 +27,7 @@ BAD_SAMPLE_POLICIES = ("error", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 ANOMALY_POLICIES = ("raise", "skip", "clip", "rollback", "warn")
 WARNING_POLICIES = ("warn", "raise")
+PREFLIGHT_MODES = ("stop", "warn", "off")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -141,6 +142,14 @@ class TrainConfig:
             "fp16 headroom, steady growth): warn (print the card, train on) or raise (stop)"
         ),
     )
+    preflight: str = field(
+        default="stop",
+        metadata=_help(
+            "checks before step 0 (dtypes under the optimizer, GradScaler, LoRA scope, "
+            "checkpointing, the first batches): stop on an error, warn and train anyway, "
+            "or off; --adapter-dtype fp16 reproduces its error on purpose and trains on"
+        ),
+    )
     max_anomalies: int = field(
         default=10, metadata=_help("stop with the diagnosis after this many anomalies")
     )
@@ -204,6 +213,7 @@ class TrainConfig:
         _choice("--schedule", self.schedule, SCHEDULES)
         _choice("--on-bad-sample", self.on_bad_sample, BAD_SAMPLE_POLICIES)
         _choice("--device", self.device, DEVICES)
+        _choice("--preflight", self.preflight, PREFLIGHT_MODES)
         _check_trace_options(self)
         if self.tensorboard and not self.trace:
             raise ConfigError(

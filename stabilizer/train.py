@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import random
 import time
@@ -47,6 +48,7 @@ from stabilizer.models.lora import (
     verify_lora_scope,
 )
 from stabilizer.precision import PrecisionPlan, plan_precision
+from stabilizer.preflight import PreflightReport, gate, preflight
 from stabilizer.rundir import (
     EVAL_FILE,
     MetricsLog,
@@ -203,6 +205,68 @@ class DataOrder:
         return epoch, self._order[start : start + self.batch_size]
 
 
+def batches_of(
+    cfg: TrainConfig,
+    order: DataOrder,
+    encoder: BatchEncoder,
+    samples: Sequence[VQASample],
+    step: int,
+    rank: int = 0,
+) -> tuple[int, list[dict[str, torch.Tensor]]]:
+    """``(epoch, micro-batches)`` of optimizer step ``step`` for this rank, on the host."""
+    batches = []
+    epoch = 0
+    for micro in range(cfg.grad_accum):
+        epoch, idx = order.indices(step * cfg.grad_accum + micro)
+        mine = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+        batches.append(encoder.train_batch([samples[i] for i in mine]))
+    return epoch, batches
+
+
+def run_preflight(cfg, model, optimizer, scaler, batches, console: Console) -> PreflightReport:
+    """Print the preflight table; stop on an error unless ``--preflight warn``.
+
+    ``--adapter-dtype fp16`` asks for the classic failure on purpose: its own error
+    (fp16 Adam's eps) is printed and the run goes on so the detector can show it.
+    """
+    report = preflight(
+        model, optimizer, scaler=scaler, batches=batches, allowed=allowed_components(cfg.lora)
+    )
+    tolerated = ("fp16-adam-eps",) if cfg.reproduces_classic_failure else ()
+    gate(report, mode=cfg.preflight, console=console, tolerated=tolerated)
+    if tolerated and tolerated[0] in report.causes():
+        console.print(
+            "[yellow]preflight names the classic failure above; --adapter-dtype fp16 "
+            "reproduces it on purpose, so training goes on to show it happen.[/]"
+        )
+    return report
+
+
+def check(cfg: TrainConfig, *, console: Console | None = None) -> PreflightReport:
+    """``stabilizer check``: build what ``train`` would (model, LoRA, data, optimizer,
+    scaler, the first step's batches) and run the preflight; no step, no run folder."""
+    console = console or Console()
+    device = resolve_device(cfg.device)
+    plan = plan_precision(cfg.precision, cfg.adapter_dtype)
+    seed_everything(cfg.seed)
+    loaded, model = build_model(cfg, plan, device)
+    encoder = make_encoder(loaded, cfg)
+    samples, _ = load_checked_samples(cfg, cfg.train_split, cfg.max_train_samples, encoder, console)
+    order = DataOrder(len(samples), cfg.batch_size, cfg.seed)
+    optimizer = make_optimizer(model, cfg)
+    make_schedule(optimizer, cfg, total_steps_of(cfg, order))  # warm-up sets initial_lr
+    scaler = plan.grad_scaler(device.type)
+    report = preflight(
+        model,
+        optimizer,
+        scaler=scaler,
+        batches=batches_of(cfg, order, encoder, samples, 0)[1],
+        allowed=allowed_components(cfg.lora),
+    )
+    console.print(report.table(title=f"Preflight of {cfg.model} (no step run)"))
+    return report
+
+
 def total_steps_of(cfg: TrainConfig, order: DataOrder) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
@@ -353,6 +417,13 @@ def _train(
         start_step = int(state["step"])
         log.print(f"resumed from {ckpt} at step {start_step}")
 
+    # The first step's batches, built once: the preflight reads them, step one trains on them.
+    first_batches = batches_of(cfg, order, encoder, train_samples, start_step, rank)
+    if cfg.preflight != "off":
+        report = run_preflight(cfg, model, optimizer, scaler, first_batches[1], log)
+        if main:
+            (run_dir / "preflight.json").write_text(json.dumps(report.to_dict(), indent=2))
+
     result = TrainResult(
         run_dir=run_dir,
         start_step=start_step,
@@ -480,14 +551,14 @@ def _train(
     try:
         with progress:
             for step in range(start_step, total_steps):
-                micro_batches = []
-                for micro in range(cfg.grad_accum):
-                    epoch, idx = order.indices(step * cfg.grad_accum + micro)
-                    mine = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
-                    batch = encoder.train_batch([train_samples[i] for i in mine])
-                    micro_batches.append(
-                        {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    )
+                if first_batches is not None:
+                    (epoch, host_batches), first_batches = first_batches, None
+                else:
+                    epoch, host_batches = batches_of(cfg, order, encoder, train_samples, step, rank)
+                micro_batches = [
+                    {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    for batch in host_batches
+                ]
                 grad_scale = None
                 if session is not None:
                     session.begin_step(step)

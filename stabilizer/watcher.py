@@ -55,12 +55,14 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
-from stabilizer.config import TraceSettings
+from stabilizer.config import PREFLIGHT_MODES, TraceSettings
 from stabilizer.data.collate import IGNORE_INDEX
 from stabilizer.detector.replay import RecordedStep, loss_of
 from stabilizer.detector.session import SessionSummary, TraceSession, trainable_of
 from stabilizer.errors import ConfigError
+from stabilizer.preflight import PreflightReport, gate, preflight
 
 _SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -91,8 +93,16 @@ class Watch:
         replay: bool = True,
         report: bool = True,
         tensorboard: bool = False,
+        preflight: str = "stop",
         console=None,
     ) -> None:
+        if preflight not in PREFLIGHT_MODES:
+            raise ConfigError(
+                f"stabilizer.watch: preflight must be one of {', '.join(PREFLIGHT_MODES)}, "
+                f"got {preflight!r}"
+            )
+        self.preflight = preflight
+        self.preflight_report: PreflightReport | None = None
         try:
             self.settings = TraceSettings(
                 probe=probe,
@@ -163,6 +173,11 @@ class Watch:
                 "stabilizer.watch: the optimizer holds no tensor that requires grad; pass "
                 "the optimizer your loop steps"
             )
+        if self.preflight != "off":
+            if self.console is None:
+                self.console = Console(stderr=True)
+            self.preflight_report = preflight(self.model, self.optimizer, scaler=self.scaler)
+            gate(self.preflight_report, mode=self.preflight, console=self.console)
         self.session = TraceSession(
             model=self.model,
             optimizer=self.optimizer,
@@ -432,7 +447,10 @@ def watch(model: torch.nn.Module, optimizer, **options) -> Watch:
     Options: ``scaler`` (your GradScaler; None: none in this loop), ``scheduler``,
     ``run_dir``, ``on_anomaly`` (raise | skip | clip | rollback | warn),
     ``on_warning`` (warn | raise), ``trace_every``, ``probe`` (regex of module
-    names), ``max_anomalies``, ``replay``, ``report``, ``tensorboard``, ``console``.
+    names), ``max_anomalies``, ``replay``, ``report``, ``tensorboard``, ``preflight``
+    (stop | warn | off: the checks of ``stabilizer check`` on the model, optimizer and
+    scaler at start; an error such as fp16 tensors under Adam with eps 1e-8 stops
+    before step 0), ``console``.
     """
     return Watch(model, optimizer, **options)
 

@@ -17,6 +17,7 @@ from transformers.optimization import get_linear_schedule_with_warmup
 from stabilizer.detector.policy import NumericalAnomalyError
 from stabilizer.errors import ConfigError
 from stabilizer.integrations import StabilizerCallback
+from stabilizer.preflight import PreflightError
 from stabilizer.probes.tracer import Tracer
 from stabilizer.store import TraceStore
 
@@ -371,6 +372,18 @@ def test_probe_matching_no_module_stops_before_the_first_step(tmp_path):
     with pytest.raises(ConfigError, match=r"--probe 'decoder\\\.\.\*' matches no module"):
         trainer.train()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_preflight_stops_fp16_weights_under_adamw_before_the_first_step(tmp_path):
+    model = TinyRegressor().half()  # trainable fp16 tensors, AdamW's default eps 1e-8
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    before = [p.detach().clone() for p in model.parameters()]
+    callback = StabilizerCallback(console=quiet(), report=False)
+    trainer = make_trainer(tmp_path, model, [callback], optimizers=(optimizer, None))
+    with pytest.raises(PreflightError, match="fp16 under AdamW with eps=1e-08"):
+        trainer.train()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert callback.preflight_report.causes() == ["fp16-adam-eps"]
 
 
 def test_loss_computed_outside_the_model_is_refused_with_the_reason(tmp_path):

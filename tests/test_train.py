@@ -170,6 +170,10 @@ def test_classic_fp16_adapter_failure_is_reproduced_and_reported(tmp_path):
     text = console.export_text()
     assert "reproducing the classic failure" in text
     assert "loss is not finite at step 1" in text
+    # Named before step 0 by the preflight, with the detector's cause, and kept.
+    assert text.index("fp16 under AdamW") < text.index("loss is not finite at step 1")
+    saved = json.loads((result.run_dir / "preflight.json").read_text())
+    assert [f["cause"] for f in saved["findings"] if f["level"] == "error"] == ["fp16-adam-eps"]
 
 
 def test_gradient_checkpointing_of_the_lm_gives_the_same_losses(tmp_path):

@@ -18,10 +18,12 @@ from rich.console import Console
 from torch import nn
 
 import stabilizer
+from stabilizer.detector.diagnosis import CAUSES
 from stabilizer.detector.session import TraceSession
 from stabilizer.errors import ConfigError
 from stabilizer.models.loading import load_model
 from stabilizer.models.lora import LoraSettings, apply_lora
+from stabilizer.preflight import PreflightError
 from stabilizer.probes.tracer import Tracer
 from stabilizer.store import TraceStore
 
@@ -369,9 +371,17 @@ def test_the_seeds_custom_forward_with_fp16_adapters_is_the_classic_fp16_adam_ep
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = seed_batch(model)
     batch["pixel_values"] = batch["pixel_values"].half()
+    # By default the preflight stops this loop before step 0, naming the same cause...
+    with pytest.raises(PreflightError) as stopped:
+        stabilizer.watch(model, opt, console=quiet(), run_dir=tmp_path / "stopped").start()
+    assert stopped.value.report.causes() == ["fp16-adam-eps", "activation-overflow"]
+    assert "lora_A" in str(stopped.value) and "preflight='warn'" in str(stopped.value)
+    # ...and with preflight="warn" it trains on, so the detector shows it happen.
     with (
         pytest.raises(stabilizer.NumericalAnomalyError) as info,
-        stabilizer.watch(model, opt, console=quiet(), run_dir=tmp_path / "run"),
+        stabilizer.watch(
+            model, opt, console=quiet(), run_dir=tmp_path / "run", preflight="warn"
+        ) as watch,
     ):
         for _ in range(3):
             loss = seed_forward(model, batch)  # the root model is never called
@@ -380,6 +390,7 @@ def test_the_seeds_custom_forward_with_fp16_adapters_is_the_classic_fp16_adam_ep
             opt.zero_grad()
     a = info.value.anomaly
     assert (a.step, a.pass_, a.cause) == (0, "optimizer", "fp16-adam-eps")
+    assert watch.preflight_report.errors[0].fix == CAUSES[a.cause].fix  # one fix, both places
     assert "lora_A" in a.module_path and a.module_path.startswith("base_model.model.qformer")
     assert "eps=1e-08 rounds to 0" in a.summary  # Adam's eps came from the optimizer
     # Replayed from the gradients the optimizer stepped on (no forward to re-run).

@@ -93,10 +93,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from stabilizer.config import TraceSettings
+from stabilizer.config import PREFLIGHT_MODES, TraceSettings
 from stabilizer.detector.policy import NumericalAnomalyError
 from stabilizer.detector.replay import RecordedStep, loss_of, scale_of
 from stabilizer.errors import ConfigError
+from stabilizer.preflight import gate, preflight
 from stabilizer.watcher import _unwrap_optimizer
 
 _SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -122,6 +123,9 @@ class StabilizerCallback(TrainerCallback):
         rollback_lr_factor: learning-rate factor of the rollback policy.
         tensorboard: also write TensorBoard event files beside the store.
         report: write ``report.html`` when training ends or stops.
+        preflight: ``stop`` (default), ``warn`` or ``off``: the checks of
+            ``stabilizer check`` on the model, optimizer and scaler at
+            ``on_train_begin``; an error stops before step 0.
         console: a ``rich.console.Console`` for what stabilizer prints.
 
     After ``trainer.train()`` returns, ``callback.summary`` holds the session's
@@ -140,9 +144,17 @@ class StabilizerCallback(TrainerCallback):
         rollback_lr_factor: float = 0.5,
         tensorboard: bool = False,
         report: bool = True,
+        preflight: str = "stop",
         console=None,
     ) -> None:
         # Validated here, so a bad option fails where the callback is built, not at step 0.
+        if preflight not in PREFLIGHT_MODES:
+            raise ConfigError(
+                f"StabilizerCallback: preflight must be one of {', '.join(PREFLIGHT_MODES)}, "
+                f"got {preflight!r}"
+            )
+        self.preflight = preflight
+        self.preflight_report = None
         try:
             self.settings = TraceSettings(
                 probe=probe,
@@ -201,6 +213,16 @@ class StabilizerCallback(TrainerCallback):
         if self.console is None:
             self.console = Console()
         ranks = _rank_group(args)
+        if self.preflight != "off":
+            self.preflight_report = preflight(
+                model, optimizer, scaler=getattr(kwargs["optimizer"], "scaler", None)
+            )
+            quiet = ranks is not None and not ranks.is_main
+            gate(
+                self.preflight_report,
+                mode=self.preflight,
+                console=Console(quiet=True) if quiet else self.console,
+            )
         world = ranks.world_size if ranks is not None else 1
         # With num_items_in_batch Trainer scales the loss by the process count after the
         # model (average_tokens_across_devices); the recorded loss does the same.
