@@ -419,10 +419,13 @@ def _train(
 
     # The first step's batches, built once: the preflight reads them, step one trains on them.
     first_batches = batches_of(cfg, order, encoder, train_samples, start_step, rank)
+    preflight_report = None
     if cfg.preflight != "off":
-        report = run_preflight(cfg, model, optimizer, scaler, first_batches[1], log)
+        preflight_report = run_preflight(cfg, model, optimizer, scaler, first_batches[1], log)
         if main:
-            (run_dir / "preflight.json").write_text(json.dumps(report.to_dict(), indent=2))
+            (run_dir / "preflight.json").write_text(
+                json.dumps(preflight_report.to_dict(), indent=2)
+            )
 
     result = TrainResult(
         run_dir=run_dir,
@@ -449,6 +452,8 @@ def _train(
             train_config=cfg,
             ranks=ranks,
         )
+        if preflight_report is not None:
+            session.preflight_causes = tuple(preflight_report.causes())
         stores = f"{session.store.path}" + (" (and one per rank)" if world > 1 else "")
         log.print(
             f"tracing {len(session.tracer.modules)} modules and {len(session.tracer.params)} "

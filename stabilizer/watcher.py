@@ -190,6 +190,8 @@ class Watch:
             meta=self._meta(trainable),
         )
         self.console = self.session.console
+        if self.preflight_report is not None:
+            self.session.preflight_causes = tuple(self.preflight_report.causes())
         tracer = self.session.tracer
         tracer.on_unbegun_step = self._begin
         tracer.on_forward_after_backward = self._forward_after_backward

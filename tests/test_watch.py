@@ -391,6 +391,9 @@ def test_the_seeds_custom_forward_with_fp16_adapters_is_the_classic_fp16_adam_ep
     a = info.value.anomaly
     assert (a.step, a.pass_, a.cause) == (0, "optimizer", "fp16-adam-eps")
     assert watch.preflight_report.errors[0].fix == CAUSES[a.cause].fix  # one fix, both places
+    assert a.evidence["predicted by"] == (
+        "the preflight, before step 0 (fp16-adam-eps), 1 step(s) ahead"
+    )
     assert "lora_A" in a.module_path and a.module_path.startswith("base_model.model.qformer")
     assert "eps=1e-08 rounds to 0" in a.summary  # Adam's eps came from the optimizer
     # Replayed from the gradients the optimizer stepped on (no forward to re-run).

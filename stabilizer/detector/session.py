@@ -135,6 +135,9 @@ class TraceSession:
         self.train_config = train_config
         # Stderr: stdout may be the user's own output (a table, a JSON stream).
         self.console = console if console is not None else Console(stderr=True)
+        # Causes the preflight named before step 0 (set by the face that ran it): the
+        # card of a NaN with one of them says it was predicted.
+        self.preflight_causes: tuple[str, ...] = ()
         self.run_dir = Path(run_dir)
         self.uses_grad_scaler = uses_grad_scaler
         self.ranks = ranks
@@ -281,6 +284,11 @@ class TraceSession:
     def _predicted_by(self, anomaly: Anomaly) -> None:
         """Name the earlier warning that foretold this NaN/Inf: the same module's if
         there is one, else the first warning of the run."""
+        if anomaly.cause in self.preflight_causes:
+            anomaly.evidence["predicted by"] = (
+                f"the preflight, before step 0 ({anomaly.cause}), {anomaly.step + 1} step(s) ahead"
+            )
+            return
         earlier = [w for w in self.summary.warnings if w.step <= anomaly.step]
         if not earlier:
             return

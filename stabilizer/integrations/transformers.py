@@ -251,6 +251,8 @@ class StabilizerCallback(TrainerCallback):
             resume_from=state.global_step or None,
             ranks=ranks,
         )
+        if self.preflight_report is not None:
+            self.session.preflight_causes = tuple(self.preflight_report.causes())
         # Probes are attached only inside optimizer steps, so evaluation and prediction
         # during training run without them (their statistics would be thrown away).
         self.session.tracer.close()
