@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None):
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
 
-    with stabilizer.watch(model, optimizer, run_dir=args.run_dir) as watch:
+    # The preflight names the classic failure before step 0 and would stop there;
+    # "warn" lets this example go on and show the detector catch it in step 0 too.
+    preflight = "warn" if args.classic_failure else "stop"
+    with stabilizer.watch(model, optimizer, run_dir=args.run_dir, preflight=preflight) as watch:
         for step in range(args.steps):
             batch = encoder.train_batch(samples[16 * step : 16 * (step + 1)])
             if args.classic_failure:

@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> StabilizerCallback:
     encoder = make_encoder(loaded, TrainConfig())
     samples = load_samples("easy-vqa", "train", limit=512)
 
-    callback = StabilizerCallback(on_anomaly=args.on_anomaly)
+    # The preflight names the classic failure before step 0 and would stop there;
+    # "warn" lets this example go on and show the detector catch it in step 0 too.
+    preflight = "warn" if args.classic_failure else "stop"
+    callback = StabilizerCallback(on_anomaly=args.on_anomaly, preflight=preflight)
     trainer = Trainer(
         model=model,
         args=TrainingArguments(

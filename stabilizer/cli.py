@@ -274,6 +274,13 @@ def _train_options(func):
             help=_h("preflight"),
         ),
         click.option(
+            "--max-repairs",
+            type=int,
+            default=d.max_repairs,
+            show_default=True,
+            help=_h("max_repairs"),
+        ),
+        click.option(
             "--max-anomalies",
             type=int,
             default=d.max_anomalies,

@@ -25,7 +25,7 @@ ADAPTER_DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 DEVICES = ("auto", "cpu", "cuda")
-ANOMALY_POLICIES = ("raise", "skip", "clip", "rollback", "warn")
+ANOMALY_POLICIES = ("raise", "skip", "clip", "rollback", "warn", "repair")
 WARNING_POLICIES = ("warn", "raise")
 PREFLIGHT_MODES = ("stop", "warn", "off")
 
@@ -133,7 +133,16 @@ class TrainConfig:
         ),
     )
     on_anomaly: str = field(
-        default="raise", metadata=_help("with --trace: raise, skip, clip, rollback or warn")
+        default="raise",
+        metadata=_help(
+            "with --trace: raise, skip, clip, rollback, warn, or repair (apply the "
+            "diagnosed fix: fp16 adapters and Adam state to fp32, an overflowing module to "
+            "fp32, drop a bad batch, roll back a divergence; then redo the step)"
+        ),
+    )
+    max_repairs: int = field(
+        default=5,
+        metadata=_help("with --on-anomaly repair: stop after this many repairs"),
     )
     on_warning: str = field(
         default="warn",
@@ -295,6 +304,7 @@ class TraceSettings:
     on_anomaly: str = "raise"
     on_warning: str = "warn"  # "raise": stop at the first early warning too
     max_anomalies: int = 10
+    max_repairs: int = 5
     rollback_lr_factor: float = 0.5
     # The op-level and fp32 replay of the first anomalous step (needs the step's batches).
     replay: bool = True
@@ -316,6 +326,7 @@ def _check_trace_options(obj: TrainConfig | TraceSettings) -> None:
     _choice("--on-warning", obj.on_warning, WARNING_POLICIES)
     _positive("--trace-every", obj.trace_every)
     _positive("--max-anomalies", obj.max_anomalies)
+    _positive("--max-repairs", obj.max_repairs)
     if not 0 < obj.rollback_lr_factor <= 1:
         raise ConfigError(f"--rollback-lr-factor must be in (0, 1], got {obj.rollback_lr_factor}")
 

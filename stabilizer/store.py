@@ -68,8 +68,8 @@ from stabilizer.probes.schema import PARAM_STATS, PASSES, SITES, TENSOR_STATS
 
 SCHEMA_VERSION = 1
 SCORE_SITE = "score_max"
-STEP_STATUSES = ("ok", "skipped", "rolled_back", "anomaly", "stopped")
-ACTIONS = ("skip", "clip", "rollback", "raise", "stop", "warn", "replay")
+STEP_STATUSES = ("ok", "skipped", "rolled_back", "anomaly", "stopped", "repaired")
+ACTIONS = ("skip", "clip", "rollback", "raise", "stop", "warn", "replay", "repair")
 # Documented vocabulary for ModuleInfo.kind; not enforced so that new kinds need no migration.
 MODULE_KINDS = ("self-attn", "cross-attn", "ffn", "projection", "lora", "other")
 # Keys the store writes itself; callers' meta may not reuse them.

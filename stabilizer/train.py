@@ -14,6 +14,7 @@ kept on the device in between), at evaluation and at checkpoints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import math
@@ -564,36 +565,48 @@ def _train(
                     {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     for batch in host_batches
                 ]
-                grad_scale = None
-                if session is not None:
-                    session.begin_step(step)
-                    if scaler is not None and session.replays:
-                        grad_scale = scale_of(scaler)  # on the device: no sync
-                step_loss, grad_norm = train_step(
-                    forward_model,
-                    micro_batches,
-                    optimizer=optimizer,
-                    scaler=scaler,
-                    plan=plan,
-                    trainable=trainable,
-                    max_grad_norm=session.max_grad_norm if session else cfg.max_grad_norm,
-                    before_update=session.before_update if session else None,
-                )
-                pending_lr.append(scheduler.get_last_lr()[0])
-                accepted = True
-                if session is not None:
-                    accepted, _ = session.end_step(
-                        step,
-                        step_loss,
-                        grad_norm,
+                # A repair (--on-anomaly repair) undoes the step and fixes the cause;
+                # the step then runs again on the same batch.
+                while True:
+                    grad_scale = None
+                    if session is not None:
+                        session.begin_step(step)
+                        if scaler is not None and session.replays:
+                            grad_scale = scale_of(scaler)  # on the device: no sync
+                    step_loss, grad_norm = train_step(
+                        forward_model,
                         micro_batches,
-                        scheduler.get_last_lr()[0],
-                        recorded=RecordedStep.from_batches(
-                            micro_batches, autocast_dtype=plan.autocast_dtype, grad_scale=grad_scale
-                        ),
+                        optimizer=optimizer,
+                        scaler=scaler,
+                        plan=plan,
+                        trainable=trainable,
+                        max_grad_norm=session.max_grad_norm if session else cfg.max_grad_norm,
+                        before_update=session.before_update if session else None,
                     )
-                if accepted:
-                    scheduler.step()
+                    step_lr = scheduler.get_last_lr()[0]  # the rate this step used
+                    accepted = True
+                    if session is not None:
+                        accepted, _ = session.end_step(
+                            step,
+                            step_loss,
+                            grad_norm,
+                            micro_batches,
+                            scheduler.get_last_lr()[0],
+                            recorded=RecordedStep.from_batches(
+                                micro_batches,
+                                autocast_dtype=plan.autocast_dtype,
+                                grad_scale=grad_scale,
+                            ),
+                        )
+                    if accepted:
+                        scheduler.step()
+                    if session is not None and session.autocast_dtype and not plan.autocast_dtype:
+                        # A repair upcast the adapters over 16-bit base weights: from now
+                        # on (the redo, later steps, evaluation) the loop runs autocast.
+                        plan = dataclasses.replace(plan, autocast_dtype=session.autocast_dtype)
+                    if session is None or not session.take_redo():
+                        break
+                pending_lr.append(step_lr)
                 pending_loss.append(step_loss)
                 pending_norm.append(grad_norm)
 

@@ -89,6 +89,7 @@ class Watch:
         trace_every: int = 1,
         probe: str | None = None,
         max_anomalies: int = 10,
+        max_repairs: int = 5,
         rollback_lr_factor: float = 0.5,
         replay: bool = True,
         report: bool = True,
@@ -110,6 +111,7 @@ class Watch:
                 on_anomaly=on_anomaly,
                 on_warning=on_warning,
                 max_anomalies=max_anomalies,
+                max_repairs=max_repairs,
                 rollback_lr_factor=rollback_lr_factor,
                 replay=replay,
                 tensorboard=tensorboard,
@@ -447,7 +449,8 @@ def watch(model: torch.nn.Module, optimizer, **options) -> Watch:
     """``with stabilizer.watch(model, optimizer, scaler=scaler) as watch:`` (see :class:`Watch`).
 
     Options: ``scaler`` (your GradScaler; None: none in this loop), ``scheduler``,
-    ``run_dir``, ``on_anomaly`` (raise | skip | clip | rollback | warn),
+    ``run_dir``, ``on_anomaly`` (raise | skip | clip | rollback | warn | repair: the
+    diagnosed fix applied in place, the step's update undone), ``max_repairs``,
     ``on_warning`` (warn | raise), ``trace_every``, ``probe`` (regex of module
     names), ``max_anomalies``, ``replay``, ``report``, ``tensorboard``, ``preflight``
     (stop | warn | off: the checks of ``stabilizer check`` on the model, optimizer and
@@ -462,7 +465,13 @@ def watch(model: torch.nn.Module, optimizer, **options) -> Watch:
 
 def _as_argument(message: str) -> str:
     """Name watch()'s keyword, not the CLI option, in a settings error."""
-    for option in ("--on-anomaly", "--on-warning", "--trace-every", "--max-anomalies"):
+    for option in (
+        "--on-anomaly",
+        "--on-warning",
+        "--trace-every",
+        "--max-anomalies",
+        "--max-repairs",
+    ):
         message = message.replace(option, option.removeprefix("--").replace("-", "_"))
     return message.replace("--rollback-lr-factor", "rollback_lr_factor")
 

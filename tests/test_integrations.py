@@ -374,6 +374,17 @@ def test_probe_matching_no_module_stops_before_the_first_step(tmp_path):
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
+def test_repair_under_trainer_stops_where_no_mechanical_fix_exists(tmp_path):
+    # A NaN written into a module's output from finite inputs (math, not precision):
+    # there is nothing to repair, so the run stops with the card instead of skipping.
+    model = TinyRegressor()
+    callback = StabilizerCallback(on_anomaly="repair", console=quiet(), report=False)
+    trainer = make_trainer(tmp_path, model, [NaNAt(model, "encoder.2", step=2), callback])
+    with pytest.raises(NumericalAnomalyError, match="no mechanical repair for forward-math"):
+        trainer.train()
+    assert callback.summary.repairs == [] and callback.summary.anomalies[0].step == 2
+
+
 def test_preflight_stops_fp16_weights_under_adamw_before_the_first_step(tmp_path):
     model = TinyRegressor().half()  # trainable fp16 tensors, AdamW's default eps 1e-8
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)

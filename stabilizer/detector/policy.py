@@ -10,6 +10,8 @@
 | rollback | restore the last good state (kept every ``rollback_every`` clean steps)    |
 |          | and multiply the learning rate by ``rollback_lr_factor``                    |
 | warn     | print and go on (the update is applied: NaN weights stay NaN)              |
+| repair   | undo the step, apply the cause's fix (detector/repair.py), redo the step   |
+|          | in stabilizer's loop; stop where no mechanical fix exists                   |
 
 Every policy stops with the diagnosis after ``max_anomalies`` anomalies, so a
 run can never skip every batch in silence.
@@ -22,7 +24,7 @@ import torch
 from stabilizer.detector.diagnosis import Anomaly
 from stabilizer.errors import StabilizerError
 
-POLICIES = ("raise", "skip", "clip", "rollback", "warn")
+POLICIES = ("raise", "skip", "clip", "rollback", "warn", "repair")
 
 
 class NumericalAnomalyError(StabilizerError):

@@ -42,6 +42,12 @@ from stabilizer.data.collate import IGNORE_INDEX
 from stabilizer.detector.detect import Detector, DetectorContext
 from stabilizer.detector.diagnosis import CAUSES, Anomaly, make_anomaly
 from stabilizer.detector.policy import ClampOutput, NumericalAnomalyError, StateSnapshot
+from stabilizer.detector.repair import (
+    AutocastForward,
+    Float32Module,
+    repair_kind,
+    upcast_state,
+)
 from stabilizer.detector.replay import RecordedStep, ReplayUnavailable
 from stabilizer.distributed import RankGroup, RankVerdict, StepAgreement
 from stabilizer.errors import ConfigError
@@ -99,6 +105,9 @@ class SessionSummary:
     warnings: list[Anomaly] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
     rolled_back_steps: list[int] = field(default_factory=list)
+    # --on-anomaly repair: {"step", "cause", "module", "repair", "detail"} per repair.
+    repairs: list[dict] = field(default_factory=list)
+    dropped_batches: list[int] = field(default_factory=list)
     bundle: Path | None = None
 
 
@@ -143,6 +152,7 @@ class TraceSession:
         self.ranks = ranks
         self.rank = ranks.rank if ranks is not None else 0
         trainable = trainable if trainable is not None else trainable_of(optimizer)
+        self.trainable = trainable
         self.tracer = Tracer(
             model,
             optimizer=optimizer,
@@ -163,12 +173,20 @@ class TraceSession:
         # The replay starts from the pre-step state; skip/clip/rollback restore it.
         small = sum(p.numel() for p in trainable) <= _SNAPSHOT_LIMIT
         self.replays = settings.replay and small
-        self.needs_snapshot = self.policy in ("skip", "clip", "rollback") or self.replays
+        self.needs_snapshot = self.policy in ("skip", "clip", "rollback", "repair") or self.replays
         self.before = StateSnapshot(trainable, optimizer)
         self.good = StateSnapshot(trainable, optimizer)
         self.summary = SessionSummary()
         self.replaying = False  # True while the replay re-runs a step (faces ignore it)
         self._clamps: list[ClampOutput] = []
+        self._repairs: list = []  # the hook owners repairs installed (removed on close)
+        self._repaired: set[tuple[str, int | None]] = set()
+        # Set by a repair that the step should run again on the same batch; the loop
+        # that can (stabilizer's) reads it with take_redo().
+        self._redo = False
+        self._redo_step: int | None = None
+        # The autocast dtype an upcast repair needs the forward to run under (None: none).
+        self.autocast_dtype: torch.dtype | None = None
         self._amp_skips_in_a_row = 0
         self._clean_since_good = 0
         self.max_grad_norm = settings.max_grad_norm
@@ -368,7 +386,12 @@ class TraceSession:
         return anomaly
 
     def _append_step(self, data: StepData) -> None:
-        self.store.append_step(data)
+        # A step redone after a repair replaces its failed attempt's row (the anomaly
+        # and the repair action stay in their own tables).
+        redone = data.step == self._redo_step and data.status != "repaired"
+        self.store.append_step(data, replace=redone)
+        if redone:
+            self._redo_step = None
         if self.sink is not None:
             self.sink.write_step(data)
 
@@ -435,6 +458,10 @@ class TraceSession:
         if self.policy == "warn":
             self._act(record.step, "warn", "update applied anyway (--on-anomaly warn)")
             return "anomaly", True
+        if self.policy == "repair":
+            kind = repair_kind(anomaly.cause, anomaly.pass_)
+            if kind != "rollback":
+                return self._repair(anomaly, record, kind)
         if self.policy in ("skip", "clip"):
             self.before.restore()
             self.detector.weights_restored()
@@ -477,6 +504,66 @@ class TraceSession:
             f"{self.settings.rollback_lr_factor} (peak now {peak:.3g})",
         )
         return "rolled_back", False
+
+    def _repair(self, anomaly: Anomaly, record: StepRecord, kind: str | None):
+        """Undo the step, apply the fix for ``anomaly.cause``, ask for a redo."""
+        step = record.step
+        key = (anomaly.cause, anomaly.module_index)
+        why = None
+        if kind is None:
+            why = f"no mechanical repair for {anomaly.cause}: apply the card's fix"
+        elif kind != "drop" and key in self._repaired:
+            where = f" in {anomaly.module}" if anomaly.module else ""
+            why = f"{anomaly.cause}{where} came back after its repair"
+        elif self.ranks is not None and kind in ("upcast", "module-fp32"):
+            # DDP's buckets are laid out for the dtypes it was built with.
+            why = f"{kind} changes tensor dtypes, which DDP cannot follow"
+        elif len(self.summary.repairs) >= self.settings.max_repairs:
+            why = f"{len(self.summary.repairs)} repairs = --max-repairs"
+        if why is not None:
+            self._act(step, "stop", f"cannot repair: {why}")
+            raise NumericalAnomalyError(anomaly, f"training stopped at step {step}: {why}")
+        self.before.restore()
+        self.detector.weights_restored()
+        if kind == "upcast":
+            changed = upcast_state(self.trainable, self.optimizer)
+            dtype = self._base_half_dtype()
+            if dtype is not None:
+                self.autocast_dtype = dtype
+                self._repairs.append(AutocastForward(self.model, dtype))
+            detail = (
+                f"{changed} trainable tensor(s) and their optimizer state upcast to fp32 "
+                "from the pre-step state"
+                + (f"; the forward now runs under {dtype} autocast" if dtype else "")
+            )
+        elif kind == "module-fp32":
+            info = self.tracer.modules[anomaly.module_index]
+            self._repairs.append(Float32Module(self.model.get_submodule(info.name), self.optimizer))
+            detail = f"{info.label} runs in fp32 from now on (weights, inputs; autocast off)"
+        else:  # drop
+            self.summary.dropped_batches.append(step)
+            detail = f"batch of step {step} dropped ({anomaly.cause}); its update undone"
+        self._repaired.add(key)
+        self._redo = kind != "drop"
+        self._redo_step = step if self._redo else None
+        self.summary.repairs.append(
+            {
+                "step": step,
+                "cause": anomaly.cause,
+                "module": anomaly.module,
+                "repair": kind,
+                "detail": detail,
+            }
+        )
+        self._act(step, "repair", detail)
+        return "repaired", False
+
+    def _base_half_dtype(self) -> torch.dtype | None:
+        # The frozen weights' 16-bit dtype, if any: fp32 adapters then need autocast.
+        for param in self.model.parameters():
+            if not param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+                return param.dtype
+        return None
 
     def _clip(self, anomaly: Anomaly, record: StepRecord) -> None:
         if anomaly.pass_ == "forward" and anomaly.module_index is not None:
@@ -559,10 +646,18 @@ class TraceSession:
             self._act(record.step, "replay", f"repro bundle saved to {result.bundle}")
         return anomaly
 
+    def take_redo(self) -> bool:
+        """True once after a repair asked for the step to be redone on the same batch."""
+        redo, self._redo = self._redo, False
+        return redo
+
     def close(self) -> None:
         for clamp in self._clamps:
             clamp.remove()
         self._clamps.clear()
+        for owner in self._repairs:
+            owner.remove()
+        self._repairs.clear()
         self.tracer.close()
         self.store.close()
         if self.sink is not None:

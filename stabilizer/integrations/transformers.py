@@ -112,7 +112,10 @@ class StabilizerCallback(TrainerCallback):
         on_anomaly: ``raise`` (stop with the diagnosis), ``skip`` (undo the step's
             update, keep the schedule where it was), ``clip`` (as skip, then clamp the
             offender or halve ``args.max_grad_norm``), ``rollback`` (last good state,
-            learning rate x ``rollback_lr_factor``) or ``warn``.
+            learning rate x ``rollback_lr_factor``), ``warn``, or ``repair`` (apply the
+            diagnosed fix in place, as ``stabilizer train --on-anomaly repair``; the
+            step's update is undone).
+        max_repairs: with ``repair``, stop after this many repairs.
         on_warning: ``warn`` (an early warning prints its card, training goes on) or
             ``raise`` (stop at it).
         trace_every: full per-module statistics every N steps (the NaN/Inf check
@@ -141,6 +144,7 @@ class StabilizerCallback(TrainerCallback):
         trace_every: int = 1,
         probe: str | None = None,
         max_anomalies: int = 10,
+        max_repairs: int = 5,
         rollback_lr_factor: float = 0.5,
         tensorboard: bool = False,
         report: bool = True,
@@ -162,6 +166,7 @@ class StabilizerCallback(TrainerCallback):
                 on_anomaly=on_anomaly,
                 on_warning=on_warning,
                 max_anomalies=max_anomalies,
+                max_repairs=max_repairs,
                 rollback_lr_factor=rollback_lr_factor,
                 tensorboard=tensorboard,
             )
