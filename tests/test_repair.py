@@ -45,6 +45,9 @@ def test_the_classic_fp16_run_is_repaired_at_step_0_and_trains_to_the_end(tmp_pa
     assert statuses == ["ok"] * 6  # the redone step 0 replaced the failed attempt
     text = console.export_text()
     assert "upcast to fp32 from the pre-step state" in text and "float16 autocast" in text
+    page = (result.run_dir / "report.html").read_text()
+    assert "Repairs (1)" in page and "upcast to fp32" in page
+    assert "Preflight (before step 0)" in page and "fp16 under AdamW" in page
 
 
 # -- your own loop: a module that overflows fp16, a bad batch, and what cannot be fixed -----

@@ -581,7 +581,7 @@ class TraceSession:
             )
 
     def _maybe_keep_good(self) -> None:
-        if self.policy != "rollback":
+        if self.policy not in ("rollback", "repair"):
             return
         self._clean_since_good += 1
         if not self.good.ready or self._clean_since_good >= 20:

@@ -279,6 +279,8 @@ def _plural(n: int, one: str, many: str) -> str:
 def _skip_counts(steps: dict[str, np.ndarray]) -> str:
     status = Counter(str(s) for s in steps["status"])
     parts = [f"{status.get('skipped', 0)} skipped", f"{status.get('rolled_back', 0)} rolled back"]
+    if status.get("repaired"):
+        parts.append(f"{status['repaired']} repaired")
     if status.get("anomaly"):
         parts.append(f"{status['anomaly']} kept despite NaN/Inf")
     if status.get("stopped"):
@@ -321,11 +323,39 @@ def _diagnosis(d: dict[str, Any]) -> str:
         )
         parts.extend(_card(a, labels, d["run_dir"]) for a in warnings)
         parts.append("</details>")
+    repairs = [a for a in actions if a.get("action") == "repair"]
+    if repairs:
+        # --on-anomaly repair: what was changed, at which step (the step was redone).
+        parts.append(f"<h3>Repairs ({len(repairs)})</h3>")
+        parts.append(_actions_table(repairs))
+    parts.append(_preflight(d["run_dir"]))
     if actions:
         parts.append("<h3>Actions</h3>")
         parts.append(_actions_table(actions))
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _preflight(run_dir: Path) -> str:
+    """The preflight's errors and warnings from ``preflight.json`` (none: nothing)."""
+    try:
+        saved = json.loads((Path(run_dir) / "preflight.json").read_text(encoding="utf-8"))
+        findings = [f for f in saved.get("findings", []) if f.get("level") != "ok"]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return ""
+    if not findings:
+        return ""
+    rows = "".join(
+        f"<tr><td>{e(_text(f.get('level')))}</td><td>{e(_text(f.get('check')))}</td>"
+        f"<td>{e(_text(f.get('message')))}</td><td>{e(_text(f.get('fix')))}</td></tr>"
+        for f in findings
+        if isinstance(f, dict)
+    )
+    return (
+        "<h3>Preflight (before step 0)</h3>"
+        '<table class="grid actions"><thead><tr><th>level</th><th>check</th>'
+        f"<th>finding</th><th>fix</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
 
 
 def _card(a: dict, labels: dict[int, str], run_dir: Path) -> str:
