@@ -304,6 +304,18 @@ def _train_options(func):
     return func
 
 
+def _new_config(ctx: click.Context, options: dict) -> TrainConfig:
+    """The TrainConfig of a new run from the train options (``train`` and ``check``)."""
+    lora = LoraSettings(**{_LORA_KEYS[k]: options.pop(k) for k in list(_LORA_KEYS)})
+    epochs_only = (
+        ctx.get_parameter_source("epochs") == click.core.ParameterSource.COMMANDLINE
+        and ctx.get_parameter_source("max_steps") != click.core.ParameterSource.COMMANDLINE
+    )
+    if epochs_only:
+        options["max_steps"] = None  # --epochs alone: the epochs decide the end
+    return TrainConfig(lora=lora, **options)
+
+
 def make_console():
     """A rich console; when output is not a terminal (CI logs, files) tables get 120 columns."""
     from rich.console import Console
@@ -401,10 +413,7 @@ def train(ctx: click.Context, resume: bool, **options) -> None:
                 )
             cfg = TrainConfig.from_dict({**cfg.to_dict(), **changes})
         else:
-            lora = LoraSettings(**{_LORA_KEYS[k]: options.pop(k) for k in list(_LORA_KEYS)})
-            if explicit("epochs") and not explicit("max_steps"):
-                options["max_steps"] = None
-            cfg = TrainConfig(lora=lora, **options)
+            cfg = _new_config(ctx, options)
         run_training(cfg, resume=resume, console=make_console())
     except NumericalAnomalyError as err:
         # The diagnosis card was printed when it happened; end with where to look.
@@ -443,14 +452,8 @@ def check_command(ctx: click.Context, resume: bool, **options) -> None:
     if resume:
         _fail(StabilizerError("stabilizer check: --resume does not apply (nothing is trained)"))
 
-    def explicit(name: str) -> bool:
-        return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-
     try:
-        lora = LoraSettings(**{_LORA_KEYS[k]: options.pop(k) for k in list(_LORA_KEYS)})
-        if explicit("epochs") and not explicit("max_steps"):
-            options["max_steps"] = None
-        report = run_check(TrainConfig(lora=lora, **options), console=make_console())
+        report = run_check(_new_config(ctx, options), console=make_console())
     except StabilizerError as err:
         _fail(err)
     if report.errors:

@@ -17,6 +17,7 @@ detector's cause catalogue only for the shared fix text.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -62,13 +63,7 @@ class Finding:
             raise ValueError(f"Finding.level must be one of {LEVELS}, got {self.level!r}")
 
     def to_dict(self) -> dict:
-        return {
-            "level": self.level,
-            "check": self.check,
-            "message": self.message,
-            "fix": self.fix,
-            "cause": self.cause,
-        }
+        return dataclasses.asdict(self)
 
 
 @dataclass
