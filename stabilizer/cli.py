@@ -348,6 +348,9 @@ def main() -> None:
       stabilizer train --adapter-dtype fp16 --trace
                                               reproduce the classic fp16 NaN failure and see
                                               where and why it starts
+      stabilizer check --adapter-dtype fp16   the same failure named before step 0 (exit 1)
+      stabilizer train --adapter-dtype fp16 --trace --on-anomaly repair
+                                              repair it at step 0 and train to the end
       stabilizer report runs/latest           the HTML report of a traced run
       stabilizer replay runs/<name>/repro/step-00000000
                                               re-run a saved anomalous step
