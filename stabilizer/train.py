@@ -453,6 +453,7 @@ def _train(
             train_config=cfg,
             ranks=ranks,
         )
+        session.can_add_grad_scaler = True  # this loop adds one after an upcast repair
         if preflight_report is not None:
             session.preflight_causes = tuple(preflight_report.causes())
         stores = f"{session.store.path}" + (" (and one per rank)" if world > 1 else "")
@@ -602,8 +603,12 @@ def _train(
                         scheduler.step()
                     if session is not None and session.autocast_dtype and not plan.autocast_dtype:
                         # A repair upcast the adapters over 16-bit base weights: from now
-                        # on (the redo, later steps, evaluation) the loop runs autocast.
+                        # on (the redo, later steps, evaluation) the loop runs autocast,
+                        # and in fp16 scales its loss, as --precision fp16 does.
                         plan = dataclasses.replace(plan, autocast_dtype=session.autocast_dtype)
+                        if session.uses_grad_scaler and scaler is None:
+                            scaler = torch.amp.GradScaler(device.type)
+                            plan = dataclasses.replace(plan, use_grad_scaler=True)
                     if session is None or not session.take_redo():
                         break
                 pending_lr.append(step_lr)

@@ -187,6 +187,9 @@ class TraceSession:
         self._redo_step: int | None = None
         # The autocast dtype an upcast repair needs the forward to run under (None: none).
         self.autocast_dtype: torch.dtype | None = None
+        # Set by a loop that can add a GradScaler after an upcast repair (stabilizer's):
+        # fp16 autocast without loss scaling flushes small gradients to zero.
+        self.can_add_grad_scaler = False
         self._amp_skips_in_a_row = 0
         self._clean_since_good = 0
         self.max_grad_norm = settings.max_grad_norm
@@ -531,10 +534,16 @@ class TraceSession:
             if dtype is not None:
                 self.autocast_dtype = dtype
                 self._repairs.append(AutocastForward(self.model, dtype))
+            scaled = (
+                dtype == torch.float16 and self.can_add_grad_scaler and not self.uses_grad_scaler
+            )
+            if scaled:
+                self.adopt_grad_scaler()
             detail = (
                 f"{changed} trainable tensor(s) and their optimizer state upcast to fp32 "
                 "from the pre-step state"
                 + (f"; the forward now runs under {dtype} autocast" if dtype else "")
+                + ("; a GradScaler now scales the loss" if scaled else "")
             )
         elif kind == "module-fp32":
             info = self.tracer.modules[anomaly.module_index]
@@ -557,6 +566,12 @@ class TraceSession:
         )
         self._act(step, "repair", detail)
         return "repaired", False
+
+    def adopt_grad_scaler(self) -> None:
+        """The loop scales its loss from now on: backward overflows are then the
+        scaler's to skip, not anomalies (as for a run that started with one)."""
+        self.uses_grad_scaler = True
+        self.detector.context = dataclasses.replace(self.detector.context, uses_grad_scaler=True)
 
     def _base_half_dtype(self) -> torch.dtype | None:
         # The frozen weights' 16-bit dtype, if any: fp32 adapters then need autocast.
