@@ -160,6 +160,32 @@ def overflow_cross_attention(monkeypatch, scale: float) -> None:
     monkeypatch.setattr(train_module, "load_model", load_model)
 
 
+def grow_cross_attention(monkeypatch, rate: float) -> None:
+    """Eager attention whose layer-0 cross-attention query and key weights are multiplied
+    by ``rate`` after every optimizer step: the scores grow by rate**2 a step (a slow
+    burn, as attention logits that grow through training). Counted in optimizer steps,
+    so the detector's replay (which reruns a forward) does not grow them again."""
+    real_load, real_optimizer = train_module.load_model, train_module.make_optimizer
+
+    def load_model(name, **kwargs):
+        return real_load(name, attn_implementation="eager", **kwargs)
+
+    def make_optimizer(model, cfg):
+        optimizer = real_optimizer(model, cfg)
+        attention = model.get_submodule("base_model.model." + CROSS_SCORES)
+
+        def grow(*_):
+            with torch.no_grad():
+                for part in (attention.query, attention.key):
+                    getattr(part, "base_layer", part).weight.mul_(rate)
+
+        optimizer.register_step_post_hook(grow)
+        return optimizer
+
+    monkeypatch.setattr(train_module, "load_model", load_model)
+    monkeypatch.setattr(train_module, "make_optimizer", make_optimizer)
+
+
 def nan_pixels_at(monkeypatch, step: int) -> None:
     """The training batch of optimizer step ``step`` (grad_accum 1) gets a NaN pixel."""
     real = BatchEncoder.train_batch

@@ -47,6 +47,7 @@ class DetectorContext:
     adam_eps: float | None = None
     uses_grad_scaler: bool = False
     warn_fraction: float = 0.5  # early warning when abs-max passes this fraction of the limit
+    overflow_horizon: float = 5.0  # ...or when its steady growth reaches the limit this soon
     growth_window: int = 8  # full-stat steps over which steady growth is judged
     growth_factor: float = 8.0
     growth_floor: float = 1.0  # steady growth below this abs-max is not called divergence
@@ -64,6 +65,9 @@ class Detector:
         self._warned: set[tuple[str, int | None]] = set()
         self._first_weights: tuple[int, float] | None = None  # (step, total weight norm)
         self._last_weight_norm: float | None = None
+        # The first unstable-update warning (an update far larger than the weights): an
+        # overflow after it is its consequence, and is diagnosed as such.
+        self.unstable_update: Anomaly | None = None
 
     # -- the check ---------------------------------------------------------------------
     def check(self, record: StepRecord) -> Anomaly | None:
@@ -97,13 +101,19 @@ class Detector:
     def warnings(self, record: StepRecord) -> list[Anomaly]:
         """Early warnings (nothing non-finite yet); each module/kind is reported once."""
         found = []
-        candidates = self._unstable_update(record) + self._near_limit(record)
-        for warning in candidates + self._divergence(record):
+        unstable = self._unstable_update(record)
+        if unstable and self.unstable_update is None:
+            self.unstable_update = unstable[0]
+        for warning in unstable + self._near_limit(record) + self._divergence(record):
             key = (warning.cause, warning.module_index)
             if key not in self._warned:
                 self._warned.add(key)
                 found.append(warning)
-        return found
+        return _one_per_cause(found)
+
+    def update_repaired(self) -> None:
+        """The unstable update was undone (the state before it restored): forget it."""
+        self.unstable_update = None
 
     # -- passes ----------------------------------------------------------------------------
     def _input(self, record: StepRecord) -> Anomaly | None:
@@ -134,6 +144,8 @@ class Detector:
             # Every non-finite output had a non-finite input: the value was born in an
             # op between probed modules or in a module that is not probed.
             anomaly = make_anomaly(record.step, "forward", "unprobed-origin", label=info.label)
+        elif self._is_half() and (after := self._after_growth(record.step, "forward")):
+            anomaly = after
         elif info.is_attention and self._is_half():
             score = self._score(record, index)
             anomaly = make_anomaly(
@@ -175,6 +187,8 @@ class Detector:
         if label_tokens is not None and label_tokens == 0:
             anomaly = make_anomaly(record.step, "loss", "all-labels-masked")
             anomaly.evidence["label tokens in batch"] = 0
+        elif (after := self._after_unstable_update(record.step, "loss")) is not None:
+            anomaly = after
         elif (growth := self.weight_growth()) is not None and growth[1] >= 10.0:
             # Finite activations, an infinite loss, weights many times what they were:
             # the loss of a diverged model overflowed.
@@ -216,7 +230,9 @@ class Detector:
         else:
             index = int(min(bad_out, key=lambda i: record.order["grad_out"][i]))
         info = self.modules[index]
-        if info.name.endswith("LayerNorm") or "layernorm" in info.name.lower():
+        if (after := self._after_growth(record.step, "backward")) is not None:
+            anomaly = after  # the weights' growth, not this module, made the gradient overflow
+        elif info.name.endswith("LayerNorm") or "layernorm" in info.name.lower():
             rms = self._last_stat(index, "fwd_in", "rms")
             mean = self._last_stat(index, "fwd_in", "mean")
             anomaly = make_anomaly(
@@ -299,27 +315,45 @@ class Detector:
         return [anomaly]
 
     def _near_limit(self, record: StepRecord) -> list[Anomaly]:
+        """Modules whose values are near the 16-bit limit, or whose steady growth
+        reaches it within ``overflow_horizon`` steps: the warning comes before the Inf."""
         if not self._is_half() or record.stats is None:
             return []
-        limit = self._limit() * self.context.warn_fraction
-        absmax = record.stats["fwd_out"][:, _STAT["absmax"]]
+        limit = self._limit()
+        now = _peak_values(record)
+        previous = [r for r in self._history if r.stats is not None and r.step < record.step]
+        previous = previous[-2:]
         warnings = []
-        candidates = [i for i in np.flatnonzero(np.nan_to_num(absmax) > limit)]
-        if record.score_max is not None:
-            candidates += [i for i in np.flatnonzero(np.nan_to_num(record.score_max) > limit)]
-        for i in sorted(set(int(i) for i in candidates)):
-            value = max(np.nan_to_num(absmax[i]), np.nan_to_num(self._score(record, i)))
+        for i in np.flatnonzero(now > 0):
+            value = float(now[i])
+            steps_left = math.inf
+            rate = _growth_rate(
+                [(r.step, float(_peak_values(r)[i])) for r in previous], record.step, value
+            )
+            if rate is not None:
+                steps_left = math.log(limit / value) / math.log(rate)
+            near = value > limit * self.context.warn_fraction
+            # Growth far below the limit is an adapter learning (lora_B starts at 0 and
+            # its output grows by orders of magnitude early on): project only near it.
+            heading = value > limit * 1e-3 and steps_left <= self.context.overflow_horizon
+            if not (near or heading):
+                continue
             anomaly = make_anomaly(
                 record.step,
                 "forward",
                 "near-overflow",
                 label=self.modules[i].label,
                 dtype=self.context.compute_dtype,
-                absmax=float(value),
-                limit=self._limit(),
+                absmax=value,
+                limit=limit,
             )
+            if rate is not None:
+                anomaly.evidence["growth per step"] = f"x{rate:.3g}"
+                anomaly.evidence["steps to the limit at this growth"] = max(
+                    0, math.ceil(steps_left)
+                )
             anomaly.warning = True
-            self._locate(anomaly, i)
+            self._locate(anomaly, int(i))
             warnings.append(anomaly)
         return warnings
 
@@ -412,6 +446,42 @@ class Detector:
                 since=growth[0],
             )
         return make_anomaly(step, "forward", "float-overflow", dtype=dtype, op=op)
+
+    def _after_unstable_update(self, step: int, pass_: str) -> Anomaly | None:
+        """An overflow after fp16 Adam state made an update far larger than the weights
+        is that update's consequence: the cause to fix is the fp16 optimizer state."""
+        earlier = self.unstable_update
+        if earlier is None or earlier.step >= step or earlier.cause != "fp16-adam-underflow":
+            return None
+        ratio = earlier.evidence.get("update / weights (all trainable tensors)", math.nan)
+        anomaly = make_anomaly(
+            step,
+            pass_,
+            "fp16-adam-overflow",
+            dtype=self.context.compute_dtype if pass_ == "forward" else "the loss's dtype",
+            since=earlier.step,
+            ratio=ratio,
+        )
+        anomaly.evidence["unstable update"] = f"step {earlier.step}: {ratio:.3g}x the weights"
+        return anomaly
+
+    def _after_growth(self, step: int, pass_: str) -> Anomaly | None:
+        """A 16-bit overflow that the weights' growth explains (fp16 Adam's jumps, or a
+        learning rate that diverges), rather than values this dtype cannot hold."""
+        if (after := self._after_unstable_update(step, pass_)) is not None:
+            return after
+        growth = self.weight_growth()
+        if growth is not None and growth[1] >= 10.0:
+            return make_anomaly(
+                step,
+                pass_,
+                "divergence-overflow",
+                dtype=self.context.compute_dtype,
+                op="",
+                growth=growth[1],
+                since=growth[0],
+            )
+        return None
 
     def weight_growth(self) -> tuple[int, float] | None:
         """(first step, total trainable weight norm now / then), from the last record."""
@@ -525,3 +595,46 @@ class Detector:
             anomaly.evidence["trainable weight norms"] = [
                 float(record.param_stats[p.index, _PSTAT["weight_norm"]]) for p in own
             ]
+
+
+def _one_per_cause(warnings: list[Anomaly]) -> list[Anomaly]:
+    """One warning per cause and pass in a step: a growing model trips the same warning
+    in dozens of modules at once, and one card naming the first (in execution order)
+    and counting the rest reads better than dozens of cards."""
+    groups: dict[tuple[str, str], list[Anomaly]] = {}
+    for warning in warnings:
+        groups.setdefault((warning.cause, warning.pass_), []).append(warning)
+    out = []
+    for group in groups.values():
+        first, rest = group[0], group[1:]
+        if rest:
+            names = [w.module for w in rest if w.module][:4]
+            more = len(rest) - len(names)
+            first.evidence["also in"] = f"{len(rest)} more module(s): {', '.join(names)}" + (
+                f" and {more} more" if more else ""
+            )
+        out.append(first)
+    return out
+
+
+def _peak_values(record: StepRecord) -> np.ndarray:
+    """Per module: the larger of its output's abs-max and its q·k product (0 if unseen)."""
+    values = np.nan_to_num(record.stats["fwd_out"][:, _STAT["absmax"]], nan=0.0, posinf=0.0)
+    if record.score_max is not None:
+        scores = np.nan_to_num(record.score_max, nan=0.0, posinf=0.0)
+        values = np.maximum(values, scores)
+    return values
+
+
+def _growth_rate(past: list[tuple[int, float]], step: int, value: float) -> float | None:
+    """The per-step growth factor when the value rose at every one of the last two
+    full-statistics steps (geometric mean over them), else None."""
+    if len(past) < 2:
+        return None
+    points = [*past, (step, value)]
+    for (s0, v0), (s1, v1) in zip(points, points[1:], strict=False):
+        if not (v0 > 0 and v1 > v0 * 1.01 and s1 > s0):
+            return None
+    (s_first, v_first) = points[0]
+    rate = (value / v_first) ** (1.0 / (step - s_first))
+    return rate if rate > 1.0 else None

@@ -70,6 +70,16 @@ CAUSES: dict[str, Cause] = {
             "in bf16",
         ),
         Cause(
+            "fp16-adam-overflow",
+            "a value overflowed {dtype} from finite inputs after AdamW's fp16 state made the "
+            "update of step {since} {ratio:.3g} times the weights (g*g below 6e-8 flushes to 0 "
+            "in fp16, so the update was momentum/eps and the adapters jumped): this overflow "
+            "is the consequence of that update, not of this step's values",
+            "Keep the adapters and their optimizer state in fp32 (--adapter-dtype fp32, the "
+            "default; with Trainer do not call model.half() after get_peft_model), or train "
+            "in bf16",
+        ),
+        Cause(
             "weights-already-nonfinite",
             "the module's weights were already non-finite (since the optimizer step of step "
             "{since}); the forward pass only shows it",
@@ -77,8 +87,8 @@ CAUSES: dict[str, Cause] = {
         ),
         Cause(
             "attention-overflow",
-            "attention scores overflowed {dtype}: the largest pre-softmax score was {score:.4g} "
-            "(limit {limit:.4g}); the query/key outputs stayed finite, the softmax did not",
+            "attention scores overflowed {dtype}: the largest q·k product (before the 1/sqrt(d) "
+            "scale) was {score:.4g} (limit {limit:.4g}); the query/key outputs stayed finite, the softmax did not",
             "Run attention in fp32 or bf16 (--precision bf16), or lower --lr / clip harder so "
             "query/key weights stop growing; --on-anomaly clip clamps the scores' module",
         ),
@@ -173,7 +183,8 @@ CAUSES: dict[str, Cause] = {
         ),
         Cause(
             "near-overflow",
-            "{label} is near the {dtype} limit: abs-max {absmax:.4g} of {limit:.4g}",
+            "{label} is near the {dtype} limit, or growing towards it: abs-max {absmax:.4g} of "
+            "{limit:.4g}",
             "Switch to bf16 or keep this module in fp32 before it overflows",
         ),
     ]
@@ -230,6 +241,10 @@ class Anomaly:
 
 # Causes found before anything is non-finite: warnings, which do not stop a run unless
 # on_warning="raise" (the NaN/Inf that follows names the warning that predicted it).
+# A NaN/Inf cause that is the later consequence of an earlier warning's cause: the
+# preflight or the warning that named the root predicted it.
+ROOT_CAUSE = {"fp16-adam-overflow": "fp16-adam-underflow"}
+
 FINITE_CAUSES = ("update-too-large", "fp16-adam-underflow", "gradscaler-misuse")
 
 

@@ -2,8 +2,8 @@
 
 | cause                                         | repair                                         |
 |-----------------------------------------------|------------------------------------------------|
-| fp16-adam-eps, fp16-adam-underflow            | upcast the trainable tensors and their         |
-|                                               | optimizer state to fp32 (step counts kept),    |
+| fp16-adam-eps, fp16-adam-underflow,           | upcast the trainable tensors and their         |
+| fp16-adam-overflow                            | optimizer state to fp32 (step counts kept),    |
 |                                               | and run the forward under autocast in the base |
 |                                               | weights' dtype so fp32 adapters meet fp16 ones |
 | activation-, attention-, float-overflow in M  | run M in fp32 from now on (its weights and     |
@@ -12,7 +12,8 @@
 | update-too-large, divergence-overflow         | roll back and lower the learning rate          |
 | anything else (gradscaler-misuse included)    | none: stop with the card                       |
 
-The session restores the pre-step state first; stabilizer's own loop then redoes
+The session restores the pre-step state first (for fp16-adam-overflow, the state
+before the unstable update it follows from); stabilizer's own loop then redoes
 the step on the same batch, a loop it did not write goes on with its next batch
 (the step's update stays undone). Each object here owns its hook handles and
 removes them in ``remove()``.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map
 
-UPCAST_CAUSES = ("fp16-adam-eps", "fp16-adam-underflow")
+UPCAST_CAUSES = ("fp16-adam-eps", "fp16-adam-underflow", "fp16-adam-overflow")
 MODULE_FP32_CAUSES = ("activation-overflow", "attention-overflow", "float-overflow")
 DROP_CAUSES = ("nonfinite-input", "all-labels-masked")
 ROLLBACK_CAUSES = ("update-too-large", "divergence-overflow")

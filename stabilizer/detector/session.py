@@ -40,7 +40,7 @@ from rich.panel import Panel
 from stabilizer.config import TraceSettings, TrainConfig
 from stabilizer.data.collate import IGNORE_INDEX
 from stabilizer.detector.detect import Detector, DetectorContext
-from stabilizer.detector.diagnosis import CAUSES, Anomaly, make_anomaly
+from stabilizer.detector.diagnosis import CAUSES, ROOT_CAUSE, Anomaly, make_anomaly
 from stabilizer.detector.policy import ClampOutput, NumericalAnomalyError, StateSnapshot
 from stabilizer.detector.repair import (
     AutocastForward,
@@ -283,7 +283,7 @@ class TraceSession:
             raise
         if anomaly is None and not scaler_skipped:
             self._amp_skips_in_a_row = 0
-            self._maybe_keep_good()
+            self._maybe_keep_good(record.step)
         self._append_step(_step_data(record, status))
         return accepted, record
 
@@ -305,16 +305,20 @@ class TraceSession:
     def _predicted_by(self, anomaly: Anomaly) -> None:
         """Name the earlier warning that foretold this NaN/Inf: the same module's if
         there is one, else the first warning of the run."""
-        if anomaly.cause in self.preflight_causes:
-            anomaly.evidence["predicted by"] = (
-                f"the preflight, before step 0 ({anomaly.cause}), {anomaly.step + 1} step(s) ahead"
-            )
-            return
+        for cause in (anomaly.cause, ROOT_CAUSE.get(anomaly.cause)):
+            if cause in self.preflight_causes:
+                anomaly.evidence["predicted by"] = (
+                    f"the preflight, before step 0 ({cause}), {anomaly.step + 1} step(s) ahead"
+                )
+                return
         earlier = [w for w in self.summary.warnings if w.step <= anomaly.step]
         if not earlier:
             return
+        # The earliest warning that points at this anomaly: the update it follows from,
+        # else the same module's first, else the run's first.
+        root = [w for w in earlier if w.cause == ROOT_CAUSE.get(anomaly.cause)]
         same = [w for w in earlier if w.module_index == anomaly.module_index]
-        warning = (same or earlier)[-1 if same else 0]
+        warning = (root or same or earlier)[0]
         ahead = anomaly.step - warning.step
         anomaly.evidence["predicted by"] = (
             f"the warning of step {warning.step} ({warning.cause}"
@@ -526,9 +530,17 @@ class TraceSession:
         if why is not None:
             self._act(step, "stop", f"cannot repair: {why}")
             raise NumericalAnomalyError(anomaly, f"training stopped at step {step}: {why}")
-        self.before.restore()
+        source = "the pre-step state"
+        if anomaly.cause in ROOT_CAUSE:
+            # The state went wrong in an earlier step's update: go back to before it.
+            self.good.restore()
+            earlier = self.detector.unstable_update
+            source = f"the state before step {earlier.step}'s update" if earlier else "a good state"
+        else:
+            self.before.restore()
         self.detector.weights_restored()
         if kind == "upcast":
+            self.detector.update_repaired()
             changed = upcast_state(self.trainable, self.optimizer)
             dtype = self._base_half_dtype()
             if dtype is not None:
@@ -541,7 +553,7 @@ class TraceSession:
                 self.adopt_grad_scaler()
             detail = (
                 f"{changed} trainable tensor(s) and their optimizer state upcast to fp32 "
-                "from the pre-step state"
+                f"from {source}"
                 + (f"; the forward now runs under {dtype} autocast" if dtype else "")
                 + ("; a GradScaler now scales the loss" if scaled else "")
             )
@@ -595,8 +607,14 @@ class TraceSession:
                 record.step, "clip", f"gradient-norm clip lowered to {self.max_grad_norm:.3g}"
             )
 
-    def _maybe_keep_good(self) -> None:
+    def _maybe_keep_good(self, step: int) -> None:
         if self.policy not in ("rollback", "repair"):
+            return
+        unstable = self.detector.unstable_update
+        if unstable is not None:
+            # Keep the state from before the unstable update: a repair goes back to it.
+            if unstable.step == step and self.before.ready:
+                self.good.copy_from(self.before)
             return
         self._clean_since_good += 1
         if not self.good.ready or self._clean_since_good >= 20:

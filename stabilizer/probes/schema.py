@@ -21,9 +21,10 @@ Each module has one row per *site*:
 | grad_out   | gradient w.r.t. the module's output (flows into it in backward) |
 | grad_in    | gradient w.r.t. the module's input (flows out of it)           |
 
-plus, for attention modules, ``score_max``: the largest pre-softmax attention
-score (q·k/sqrt(d)) of the step, computed from the hooked query and key outputs
-when SDPA hides the scores. Every trainable parameter gets ``PARAM_STATS``.
+plus, for attention modules, ``score_max``: the largest |q·k| of the step before
+the 1/sqrt(d) scale (eager attention computes q @ k^T in the compute dtype first,
+so this is the value fp16 must hold), computed from the hooked query and key
+outputs since SDPA hides the scores. Every trainable parameter gets ``PARAM_STATS``.
 A site that did not fire in a step holds NaN stats and fire order -1.
 """
 

@@ -457,7 +457,7 @@ _COLUMNS = (
     ("fwd_out RMS", "num", "RMS of the output at the last full-statistics step"),
     ("grad_out RMS", "num", "RMS of the output gradient at the last full-statistics step"),
     ("max abs-max", "num", "largest finite |output| over all full-statistics steps"),
-    ("score max", "num", "largest pre-softmax attention score over the run"),
+    ("score max", "num", "largest |q·k| (before the 1/sqrt(d) scale) over the run"),
     ("non-finite steps", "num", "full-statistics steps with NaN/Inf in any site"),
     ("flagged", "text", "first offender of an anomaly (or subject of a warning)"),
 )

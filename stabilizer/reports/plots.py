@@ -965,9 +965,9 @@ def layer_norms(view: TraceView, out_dir: Path) -> Figure | None:
         finite_scores = np.abs(scores[np.isfinite(scores)])
         if finite_scores.size and finite_scores.max() > 10:
             ax.set_yscale("symlog", linthresh=1.0)
-            ax.set_ylabel("max pre-softmax score\n(symlog: linear below 1)")
+            ax.set_ylabel("max |q·k| (unscaled)\n(symlog: linear below 1)")
         else:
-            ax.set_ylabel("max pre-softmax score")
+            ax.set_ylabel("max |q·k| (unscaled)")
         ax.set_title(
             "Attention score maximum per layer and block (solid: self, dashed: cross)", fontsize=10
         )
@@ -998,7 +998,8 @@ def layer_norms(view: TraceView, out_dir: Path) -> Figure | None:
     )
     if attn:
         caption += (
-            "Bottom: the largest pre-softmax attention score per attention module; "
+            "Bottom: the largest |q·k| product per attention module (before the 1/sqrt(d) "
+            "scale: the value fp16 must hold); "
             "a fast-growing score saturates the softmax and overflows first. "
         )
     caption += " ".join(caption_bits)

@@ -29,7 +29,7 @@ What is written (x axis: optimizer step; wall time: the store's, else the time o
 | activation_absmax/<group>      | full steps         | max over the group of fwd_out abs-max        |
 | activation_rms/<group>         | full steps         | max over the group of fwd_out RMS            |
 | gradient_rms/<group>           | full steps         | max over the group of grad_out RMS           |
-| attention_score_max/<group>    | full steps         | max pre-softmax score of the group's         |
+| attention_score_max/<group>    | full steps         | max |q·k| (unscaled) of the group's        |
 |                                |                    | attention modules (+Inf kept: an overflow)   |
 | lora_update_ratio/<group>      | steps with params  | max finite ||dW||/||W|| of the group's LoRA  |
 |                                |                    | tensors (lora_B's first ratio is undefined)  |
