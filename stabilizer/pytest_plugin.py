@@ -9,7 +9,9 @@ guarded. Enable it with
 - the ``nan_guard`` fixture for one model: ``nan_guard(model)`` guards that model
   for the rest of the test;
 
-and opt a test out with ``@pytest.mark.allow_nan``.
+and opt a test out with ``@pytest.mark.allow_nan(reason="...")``, or only some of
+its modules with ``@pytest.mark.allow_nan(modules="REGEX", reason="...")`` (a full
+match on module paths or class names, as ``--nan-guard-ignore``).
 
 A guarded test fails, naming the first module whose inputs were finite and
 whose output was not (forward), the first module whose gradient w.r.t. its
@@ -29,10 +31,13 @@ sees the same forward with or without the guard.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
 import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -78,7 +83,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         default=[],
         metavar="REGEX",
-        help="Module paths to ignore (full match; repeatable or comma-separated).",
+        help="Modules to ignore: a regex matched in full against each module's path "
+        "(encoder.layer.0.conv) or class name (Conv2d); repeatable or comma-separated.",
     )
     group.addoption(
         "--nan-guard-warn-dtype",
@@ -113,16 +119,29 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "nan_guard: fail this test at the first NaN/Inf (stabilizer plugin)"
     )
-    config.addinivalue_line("markers", "allow_nan: turn the stabilizer NaN guard off for this test")
+    config.addinivalue_line(
+        "markers",
+        "allow_nan(reason=None, modules=None): turn the stabilizer NaN guard off for this "
+        "test, or with modules=REGEX only for the modules whose path or class name matches",
+    )
 
 
-def _settings(config: pytest.Config) -> dict:
-    ignore = [p for opt in config.getoption("nan_guard_ignore") for p in opt.split(",") if p]
-    for pattern in ignore:
+def _compile(patterns: list[str], where: str) -> re.Pattern | None:
+    for pattern in patterns:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise pytest.UsageError(f"--nan-guard-ignore '{pattern}': {exc}") from exc
+            raise pytest.UsageError(f"{where} '{pattern}': {exc}") from exc
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+
+def _settings(config: pytest.Config, item: pytest.Item | None = None) -> dict:
+    ignore = [p for opt in config.getoption("nan_guard_ignore") for p in opt.split(",") if p]
+    _compile(ignore, "--nan-guard-ignore")
+    allowed = _allowed_modules(item) if item is not None else []
+    where = f"{item.nodeid}: @pytest.mark.allow_nan(modules=...)" if item is not None else ""
+    _compile(allowed, where)
+    ignore = ignore + allowed
     warn_dtype = config.getoption("nan_guard_warn_dtype")
     if warn_dtype not in (None, "float16", "bfloat16", "float32"):
         raise pytest.UsageError(
@@ -137,7 +156,7 @@ def _settings(config: pytest.Config) -> dict:
     return {
         "ops": config.getoption("nan_guard_ops"),
         "nan_only": config.getoption("nan_guard_what") == "nan",
-        "ignore": re.compile("|".join(f"(?:{p})" for p in ignore)) if ignore else None,
+        "ignore": _compile(ignore, "--nan-guard-ignore"),
         "warn_dtype": warn_dtype,
         "record": config.getoption("nan_guard_record"),
         "golden": golden,
@@ -145,8 +164,25 @@ def _settings(config: pytest.Config) -> dict:
     }
 
 
+def _allowed_modules(item: pytest.Item) -> list[str]:
+    """The module patterns of the test's ``allow_nan(modules=...)`` markers."""
+    patterns = []
+    for marker in item.iter_markers("allow_nan"):
+        modules = marker.kwargs.get("modules")
+        if isinstance(modules, str):
+            patterns += [p for p in modules.split(",") if p]
+        elif modules is not None:
+            patterns += [str(p) for p in modules]
+    return patterns
+
+
+def _allows_all(item: pytest.Item) -> bool:
+    """``@pytest.mark.allow_nan`` without ``modules=``: the guard is off for this test."""
+    return any("modules" not in m.kwargs for m in item.iter_markers("allow_nan"))
+
+
 def _enabled_for(item: pytest.Item) -> bool:
-    if item.get_closest_marker("allow_nan") is not None:
+    if _allows_all(item):
         return False
     config = item.config
     return bool(
@@ -171,15 +207,54 @@ def pytest_runtest_call(item: pytest.Item):
     except BaseException as exc:
         guard = item.stash.get(_GUARD, None)
         message = guard.finish() if guard is not None else None
-        if message:
+        if message and _is_error(exc):
             # The guard's report names the cause; the test's own error is a symptom.
+            guard.reported = message
             raise pytest.fail.Exception(message, pytrace=False) from exc
-        raise
+        raise  # a skip, xfail, exit or interrupt is the test's verdict, not an error
     guard = item.stash.get(_GUARD, None)
     message = guard.finish() if guard is not None else None
     if message:
+        guard.reported = message
         pytest.fail(message, pytrace=False)
     return result
+
+
+def _is_error(exc: BaseException) -> bool:
+    """An error or a failure: what a NaN may have caused. ``pytest.skip``/``xfail``,
+    ``pytest.exit``, KeyboardInterrupt and SystemExit keep their meaning."""
+    if isinstance(exc, pytest.xfail.Exception):
+        return False
+    return isinstance(exc, (Exception, pytest.fail.Exception))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """Point a guard failure's one-line form (``--tb=line``, the short summary, junit's
+    ``message``) at the test's line that ran the failing pass, with the headline only."""
+    report = yield
+    guard = item.stash.get(_GUARD, None)
+    if call.when != "call" or not report.failed or guard is None or not guard.reported:
+        return report
+    path, line = guard.location or _definition(item)
+    crash = getattr(report.longrepr, "reprcrash", None)
+    headline = guard.reported.splitlines()[0]
+    if crash is not None:
+        crash.path, crash.lineno, crash.message = path, line, headline
+    else:
+        try:
+            from _pytest._code.code import ReprFileLocation
+        except ImportError:  # a pytest without it: keep pytest's own location
+            return report
+        report.longrepr.reprcrash = ReprFileLocation(path, line, headline)
+    return report
+
+
+def _definition(item: pytest.Item) -> tuple[str, int]:
+    path, line0, _ = item.reportinfo()
+    return str(Path(item.config.rootpath, path) if not Path(path).is_absolute() else path), (
+        (line0 or 0) + 1
+    )
 
 
 @pytest.fixture
@@ -192,7 +267,7 @@ def nan_guard(request: pytest.FixtureRequest):
     item = request.node
 
     def attach(model):
-        if item.get_closest_marker("allow_nan") is not None:
+        if _allows_all(item):
             return model
         guard = item.stash.get(_GUARD, None)
         if guard is None:
@@ -241,11 +316,11 @@ def _read_golden(path: Path) -> dict:
 
 def _new_guard(item: pytest.Item):
     config = item.config
-    settings = _settings(config)
+    settings = _settings(config, item)
     golden = None
     if not settings["record"] and settings["golden"].exists():
         golden = _read_golden(settings["golden"]).get("tests", {}).get(item.nodeid)
-    guard = _Guard(item.nodeid, settings, golden)
+    guard = _Guard(item.nodeid, settings, golden, test_file=str(item.path))
     item.stash[_GUARD] = guard
     if settings["record"]:
         guard.on_stats = lambda stats: config.stash.setdefault(_GOLDEN_NEW, {}).__setitem__(
@@ -264,10 +339,21 @@ def _fmt(x: float) -> str:
 class _Event:
     """One call of a module (forward) or one gradient (backward), as its hooks saw it."""
 
-    __slots__ = ("module", "path", "call", "number", "inputs", "in_slots", "outputs", "out_slots")
+    __slots__ = (
+        "module",
+        "path",
+        "call",
+        "number",
+        "args",
+        "inputs",
+        "in_slots",
+        "outputs",
+        "out_slots",
+    )
 
-    def __init__(self, module, call: int, number: int, inputs: list, in_slots: list) -> None:
+    def __init__(self, module, call: int, number: int, args, inputs: list, in_slots: list) -> None:
         self.module, self.call, self.number = module, call, number
+        self.args = args  # to re-run a failing call in float64 (overflow or invalid math?)
         self.path = ""
         self.inputs, self.in_slots = inputs, in_slots
         self.outputs: list = []
@@ -277,8 +363,14 @@ class _Event:
 class _Guard:
     """Per-test state: global module/optimizer hooks, deferred checks, first failure."""
 
-    def __init__(self, nodeid: str, settings: dict, golden: dict | None) -> None:
+    def __init__(
+        self, nodeid: str, settings: dict, golden: dict | None, test_file: str | None = None
+    ) -> None:
         self.nodeid = nodeid
+        self.test_file = test_file
+        self.location: tuple[str, int] | None = None  # the test's line that ran the failure
+        self.reported: str | None = None  # the message that went into the test's report
+        self.quiet = False  # the guard's own work (a float64 re-run) is not watched
         self.s = settings
         self.golden = golden
         self.collect_stats = settings["record"] or golden is not None
@@ -338,7 +430,7 @@ class _Guard:
         if self.s["ops"]:
             from stabilizer.detector.replay import OpWatch
 
-            self.watch = OpWatch()
+            self.watch = OpWatch(context=self._op_context)
             self.watch.active = True
             self.watch.__enter__()
         self.installed = True
@@ -406,7 +498,7 @@ class _Guard:
         ]
 
     def _active(self, module) -> bool:
-        if self.failure is not None or not self.installed:
+        if self.failure is not None or not self.installed or self.quiet:
             return False
         if self.scope is not None and id(module) not in self.scope:
             return False
@@ -427,7 +519,7 @@ class _Guard:
         # A module that overwrites its input (ReLU(inplace=True)) is read at once.
         now = getattr(module, "inplace", False) is True
         slots = [self.reducer.note(t, now=now) for t in tensors]
-        event = _Event(module, self.calls[id(module)], self.events, tensors, slots)
+        event = _Event(module, self.calls[id(module)], self.events, args, tensors, slots)
         self.pending.setdefault(id(module), []).append(event)
         self.open_calls += 1
         return None
@@ -444,8 +536,7 @@ class _Guard:
         event.outputs = self._floats(output)
         event.out_slots = [self.reducer.note(t) for t in event.outputs]
         self.done.append(event)
-        ignored = self.s["ignore"] is not None and self.s["ignore"].fullmatch(event.path)
-        if not ignored:
+        if not self._ignored(module, event.path):
             for t in event.outputs:
                 if t.requires_grad:
                     self._watch_grad(t, ("out", module, event.path, event.call))
@@ -455,6 +546,51 @@ class _Guard:
         if self.open_calls == 0:
             self._judge()  # the outermost forward returned: judge it as a whole
         return None
+
+    def _ignored(self, module, path: str) -> bool:
+        pattern = self.s["ignore"]
+        if pattern is None:
+            return False
+        return bool(pattern.fullmatch(path) or pattern.fullmatch(type(module).__name__))
+
+    @contextlib.contextmanager
+    def _unwatched(self):
+        """The guard's own reductions and messages: no op watch, no module hooks."""
+        active = self.watch.active if self.watch is not None else None
+        quiet, self.quiet = self.quiet, True
+        if self.watch is not None:
+            self.watch.active = False
+        try:
+            yield
+        finally:
+            self.quiet = quiet
+            if self.watch is not None:
+                self.watch.active = active
+
+    def _fail(self, message: str) -> None:
+        self.failure = message
+        self.location = self.location or self._test_line()
+
+    def _test_line(self) -> tuple[str, int] | None:
+        """The innermost frame of the test's file on the stack now: the line of the test
+        that ran the failing forward, backward or step (None from another thread)."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_filename == self.test_file:
+                return frame.f_code.co_filename, frame.f_lineno
+            frame = frame.f_back
+        return None
+
+    def _op_context(self) -> dict:
+        """Where the op watch's first non-finite op ran: in a module's forward, in a
+        backward, or outside both (functional code in the test itself)."""
+        if self.torch._C._current_graph_task_id() != -1:
+            where = "backward"
+        elif self.open_calls > 0:
+            where = "module"
+        else:
+            where = "outside"
+        return {"where": where, "location": self._test_line()}
 
     def _watch_grad(self, tensor, owner: tuple) -> None:
         self.grad_hooks.watch(tensor, owner)  # the hook lives and dies with the tensor
@@ -488,6 +624,17 @@ class _Guard:
         find the first failure in the order the hooks fired."""
         if self.reducer is None:
             return
+        with self._unwatched():
+            self._judge_pass()
+        if self.failure is None and self.watch is not None:
+            first = self.watch.first
+            if first is not None and first.get("where") != "outside":
+                # A non-finite op inside a module or a backward that no module boundary
+                # showed: the model masked it (its NaN never left). Not a failure; the
+                # op line of a later failure must be that failure's own first op.
+                self.watch.first = None
+
+    def _judge_pass(self) -> None:
         reducer, self.reducer = self.reducer, self._new_reducer()
         done, self.done = self.done, []
         grads, self.grad_events = self.grad_events, []
@@ -501,7 +648,7 @@ class _Guard:
             return row is not None and self._bad_reading(float(values[row]))
 
         for event in done:
-            ignored = self.s["ignore"] is not None and self.s["ignore"].fullmatch(event.path)
+            ignored = self._ignored(event.module, event.path)
             out_bad = [t for t, s in zip(event.outputs, event.out_slots, strict=True) if bad(s)]
             if out_bad:
                 self.fwd_bad.add((id(event.module), event.call))
@@ -509,7 +656,7 @@ class _Guard:
             if out_bad and ignored:
                 self.ignored_bad = event.number
             elif out_bad and inputs_ok and self.ignored_bad < event.number:
-                self.failure = self._forward_message(event, out_bad[0])
+                self._fail(self._forward_message(event, out_bad[0]))
                 return
             if out_bad or ignored:
                 continue
@@ -523,7 +670,7 @@ class _Guard:
             if side == "out":
                 grad_out_ok[key] = grad_out_ok.get(key, True) and not bad(slot)
             elif grad_out_ok.get(key, True) and bad(slot):
-                self.failure = self._backward_message(module, path, call, grad)
+                self._fail(self._backward_message(module, path, call, grad))
                 return
 
     def _measure(self, path, t) -> None:
@@ -574,20 +721,22 @@ class _Guard:
         self._judge()  # gradients and forwards first: they come before this step
         if self.failure is not None or not self.installed:
             return
-        params = [p for _, p in self._opt_params(optimizer)]
-        weights_bad = self._flags(params)
-        self.params_before = {id(p) for p, b in zip(params, weights_bad, strict=True) if b}
-        self.grads_finite = not any(self._flags([p.grad for p in params]))
+        with self._unwatched():
+            params = [p for _, p in self._opt_params(optimizer)]
+            weights_bad = self._flags(params)
+            self.params_before = {id(p) for p, b in zip(params, weights_bad, strict=True) if b}
+            self.grads_finite = not any(self._flags([p.grad for p in params]))
 
     def _opt_post(self, optimizer, args, kwargs):
         if self.failure is not None or not self.installed:
             return
-        before = self.params_before
-        named = list(self._opt_params(optimizer))
-        for (name, p), b in zip(named, self._flags([p for _, p in named]), strict=True):
-            if b and id(p) not in before:
-                self.failure = self._optimizer_message(optimizer, name, p)
-                return
+        with self._unwatched():
+            before = self.params_before
+            named = list(self._opt_params(optimizer))
+            for (name, p), b in zip(named, self._flags([p for _, p in named]), strict=True):
+                if b and id(p) not in before:
+                    self._fail(self._optimizer_message(optimizer, name, p))
+                    return
 
     def _opt_params(self, optimizer):
         i = 0
@@ -622,8 +771,7 @@ class _Guard:
         module, path = event.module, event.path
         dtype = str(out.dtype).replace("torch.", "")
         lines = [
-            f"nan-guard: {self.nodeid}: non-finite output in forward of "
-            + self._where(module, path, event.call),
+            "nan-guard: non-finite output in forward of " + self._where(module, path, event.call),
         ]
         with self.torch.no_grad():
             for t in event.inputs[:3]:
@@ -636,11 +784,12 @@ class _Guard:
         lines.append(f"  output: shape {list(out.shape)} {dtype}, {self._counts(out)}")
         lines += self._op_line()
         bad_params = [
-            n
-            for n, p in module.named_parameters(recurse=False)
-            if p.is_floating_point() and self._bad(p)
+            n for n, p in _own_parameters(module) if p.is_floating_point() and self._bad(p)
         ]
         has_inf = bool(self.torch.isinf(out).any())
+        has_nan = bool(self.torch.isnan(out).any())
+        then_nan = " (and the NaN after it is its consequence: inf-inf, inf*0)" if has_nan else ""
+        first = self.watch.first if self.watch is not None else None
         if bad_params:
             cause = (
                 f"the module's own parameters are non-finite ({', '.join(bad_params)}): "
@@ -648,23 +797,59 @@ class _Guard:
             )
         elif has_inf and out.dtype == self.torch.float16:
             cause = (
-                "float16 overflow: a value passed 65504, the float16 maximum; compute this "
-                "module in float32/bfloat16 or scale its inputs down"
+                f"float16 overflow: a value passed 65504, the float16 maximum{then_nan}; "
+                "compute this module in float32/bfloat16 or scale its inputs down"
             )
         elif has_inf:
-            cause = f"overflow: a value passed the {dtype} maximum"
+            cause = f"overflow: a value passed the {dtype} maximum{then_nan}"
+        elif (first is not None and first.get("kind") == "overflow") or (
+            self._finite_in_float64(event) is True
+        ):
+            # NaN only, yet an overflow: an Inf inside the module that inf-inf or inf*0
+            # turned into NaN before the output (finite when recomputed in float64).
+            cause = (
+                f"overflow inside the module: a value passed the {dtype} maximum and "
+                "inf-inf / inf*0 turned it into NaN before the output (the same call is "
+                "finite in float64); compute this module in float32 or scale its inputs down"
+            )
         else:
-            cause = "invalid math on finite inputs (log/sqrt of a negative number, 0/0, inf-inf)"
+            cause = "invalid math on finite inputs (log/sqrt of a negative number, 0/0)"
             if self.watch is None:
                 cause += "; --nan-guard-ops names the op"
         lines.append(f"  likely cause: {cause}")
+        lines.append(self._how_to_allow(module, path))
         return "\n".join(lines)
+
+    def _finite_in_float64(self, event: _Event) -> bool | None:
+        """Re-run the failing call on a float64 copy of the module (no hooks, no grad):
+        True if it is finite there (a precision problem), False if not, None if it
+        cannot be re-run (keyword arguments unseen, a module too large or uncopyable)."""
+        torch = self.torch
+        module = event.module
+        if sum(p.numel() for p in module.parameters()) > 50_000_000:
+            return None
+        try:
+            with self._unwatched(), torch.no_grad():
+                twin = copy.deepcopy(module).double()
+                args = _as_float64(event.args, torch)
+                out = self._floats(twin(*args))
+        except Exception:  # the re-run is a hint; the failure is reported either way
+            return None
+        return bool(out) and all(bool(torch.isfinite(t).all()) for t in out)
+
+    def _how_to_allow(self, module, path: str) -> str:
+        kind = type(module).__name__
+        by_path = f' (or modules="{path}")' if path != kind else ""
+        return (
+            f'  to allow it: @pytest.mark.allow_nan(modules="{kind}", reason="...") on the '
+            f"test{by_path}, --nan-guard-ignore {kind} for the run, or "
+            '@pytest.mark.allow_nan(reason="...") to turn the guard off for this test'
+        )
 
     def _backward_message(self, module, path, call, grad) -> str:
         dtype = str(grad.dtype).replace("torch.", "")
         lines = [
-            f"nan-guard: {self.nodeid}: non-finite gradient in backward of "
-            + self._where(module, path, call),
+            "nan-guard: non-finite gradient in backward of " + self._where(module, path, call),
             "  gradient w.r.t. output: finite",
             f"  gradient w.r.t. input: shape {list(grad.shape)} {dtype}, {self._counts(grad)}",
         ]
@@ -676,6 +861,7 @@ class _Guard:
         if grad.dtype == self.torch.float16:
             cause += "; in float16, use a loss scaler (torch.amp.GradScaler)"
         lines.append(f"  likely cause: {cause}")
+        lines.append(self._how_to_allow(module, path))
         return "\n".join(lines)
 
     def _optimizer_message(self, optimizer, name, p) -> str:
@@ -683,7 +869,7 @@ class _Guard:
         hyper = ", ".join(f"{k}={group[k]}" for k in ("lr", "eps") if k in group)
         dtype = str(p.dtype).replace("torch.", "")
         lines = [
-            f"nan-guard: {self.nodeid}: non-finite parameter after optimizer step of "
+            f"nan-guard: non-finite parameter after optimizer step of "
             f"{type(optimizer).__name__} ({hyper})",
             f"  parameter '{name}': shape {list(p.shape)} {dtype}, {self._counts(p)}",
         ]
@@ -716,10 +902,12 @@ class _Guard:
         if self.installed:
             self._judge()  # what the test's last pass left unjudged
         self.uninstall()
-        if self.failure is None and self.watch is not None and self.watch.first is not None:
-            f = self.watch.first
+        first = self.watch.first if self.watch is not None else None
+        if self.failure is None and first is not None and first.get("where") == "outside":
+            f = first
+            self.location = f.get("location")
             self.failure = (
-                f"nan-guard: {self.nodeid}: non-finite output of op {f['op']} ({f['overload']}) "
+                f"nan-guard: non-finite output of op {f['op']} ({f['overload']}) "
                 f"outside any guarded module\n  inputs (finite): {f['input shapes']} "
                 f"{', '.join(f['dtypes'])}\n  likely cause: invalid math or overflow in "
                 "functional code"
@@ -754,9 +942,28 @@ class _Guard:
         if not lines:
             return None
         return "\n".join(
-            [
-                f"nan-guard: {self.nodeid}: statistics drifted from the golden file "
-                f"{self.s['golden']}"
-            ]
-            + lines
+            [f"nan-guard: statistics drifted from the golden file {self.s['golden']}"] + lines
         )
+
+
+def _own_parameters(module):
+    """A module's own parameters: its direct ones and those it keeps in a ParameterDict
+    or ParameterList (containers it reads itself, as LoRA implementations do)."""
+    from torch import nn
+
+    yield from module.named_parameters(recurse=False)
+    for name, child in module.named_children():
+        if isinstance(child, (nn.ParameterDict, nn.ParameterList)):
+            for sub, param in child.named_parameters():
+                yield f"{name}.{sub}", param
+
+
+def _as_float64(args, torch):
+    from torch.utils._pytree import tree_map
+
+    def up(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.detach().double()
+        return value
+
+    return tree_map(up, args)

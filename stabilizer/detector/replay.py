@@ -29,6 +29,7 @@ import copy
 import inspect
 import json
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,17 @@ class ReplayUnavailable(Exception):
 def _float_tensors(values) -> list[torch.Tensor]:
     flat, _ = tree_flatten(values)
     return [t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+# Ops whose result is uninitialised memory, and in-place ops that overwrite all of theirs.
+_UNINITIALISING = frozenset(
+    {"empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided"}
+    | {"empty_permuted", "resize_", "resize_as_"}
+)
+_OVERWRITING = frozenset(
+    {"fill_", "zero_", "copy_", "normal_", "uniform_", "random_", "bernoulli_"}
+    | {"exponential_", "geometric_", "cauchy_", "log_normal_"}
+)
 
 
 def _judgeable(t: torch.Tensor) -> bool:
@@ -101,23 +113,42 @@ class OpWatch(TorchDispatchMode):
     ``first`` holds the op, its overload, input shapes and dtypes, ``kind``
     ("nan" or "overflow": +Inf first, as in an overflow that a later inf*0 turns
     into NaN), ``masked_rows`` for a softmax over fully masked rows, and
-    ``tensor``: the parameter an in-place op updated (optimizer steps).
+    ``tensor``: the parameter an in-place op updated (optimizer steps). ``context``,
+    when given, is called once for that op and its dict merged into ``first`` (the
+    pytest plugin records where the op ran).
+
+    Uninitialised memory is never judged: the outputs of ``empty``, ``empty_like``,
+    ``new_empty(_strided)`` and the like may hold any bits, NaN included, and so may an
+    op that reads them (an op that overwrites all of such a tensor, ``fill_``,
+    ``copy_``, ``zero_``, a random fill or an ``out=`` op, makes it initialised).
     """
 
-    def __init__(self, names: dict[int, str] | None = None) -> None:
+    def __init__(self, names: dict[int, str] | None = None, context=None) -> None:
         super().__init__()
         self.active = False
         self.first: dict | None = None
         self.names = names or {}  # data_ptr -> parameter name, to say what an op updated
+        self.context = context
+        # Storages holding uninitialised memory: data_ptr -> weak reference to it.
+        self._uninitialised: dict[int, weakref.ref] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         watch = self.active and self.first is None
+        name = func._schema.name.rpartition("::")[2]
+        if watch and name in _UNINITIALISING:
+            out = func(*args, **kwargs)
+            for t in _float_tensors(out) or _float_tensors(args[:1]):
+                self._mark_uninitialised(t)
+            return out
         inputs = _float_tensors((args, kwargs)) if watch else []
+        garbage = bool(self._uninitialised) and any(self._is_uninitialised(t) for t in inputs)
         # Only ops that turn finite *inputs* into NaN/Inf count: factories have none,
         # and torch.empty & co. return uninitialised memory that may hold NaN bits.
-        inputs_ok = bool(inputs) and _inputs_ok(inputs)
+        inputs_ok = bool(inputs) and not garbage and _inputs_ok(inputs)
         out = func(*args, **kwargs)
+        if garbage:
+            self._written(func, name, args, kwargs)
         if watch and inputs_ok:
             outputs = _float_tensors(out)
             if not outputs and func._schema.name.endswith("_"):
@@ -137,7 +168,46 @@ class OpWatch(TorchDispatchMode):
                 target = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 if target is not None and target.data_ptr() in self.names:
                     self.first["tensor"] = self.names[target.data_ptr()]
+                if self.context is not None:
+                    self.first.update(self.context())
         return out
+
+    def _storage_key(self, t: torch.Tensor) -> int | None:
+        if not _judgeable(t):
+            return None
+        return t.untyped_storage().data_ptr()
+
+    def _mark_uninitialised(self, t: torch.Tensor) -> None:
+        key = self._storage_key(t)
+        if key is None:
+            return
+        if len(self._uninitialised) >= 1024:  # forget the freed ones (weak references)
+            self._uninitialised = {k: r for k, r in self._uninitialised.items() if r() is not None}
+        self._uninitialised[key] = weakref.ref(t.untyped_storage())
+
+    def _is_uninitialised(self, t: torch.Tensor) -> bool:
+        key = self._storage_key(t)
+        if key is None or key not in self._uninitialised:
+            return False
+        if self._uninitialised[key]() is None:  # freed: the address was reused
+            del self._uninitialised[key]
+            return False
+        return True
+
+    def _written(self, func, name: str, args, kwargs) -> None:
+        """An op on uninitialised memory that overwrites all of it makes it initialised."""
+        targets = []
+        if name in _OVERWRITING and args and isinstance(args[0], torch.Tensor):
+            targets = [args[0]]
+        elif func._schema.overload_name.startswith("out") and isinstance(
+            kwargs.get("out"), torch.Tensor
+        ):
+            targets = [kwargs["out"]]
+        for t in targets:
+            key = self._storage_key(t)
+            whole = t.numel() * t.element_size() == t.untyped_storage().nbytes()
+            if key is not None and whole and t.is_contiguous():
+                self._uninitialised.pop(key, None)
 
 
 def loss_of(output) -> torch.Tensor | None:
