@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ddp.py --preset medium-instructblip-t5 --batch-size 4 \
 		--steps 3 --rounds 3 --warmup 1 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_plugin.py
+	$(BIN)/python benchmarks/bench_plugin_suite.py
 	$(BIN)/python benchmarks/bench_ops.py --preset tiny-instructblip-t5 --batch-size 4 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_memory.py --preset tiny-instructblip-t5 --batch-size 32 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_memory.py --preset medium-instructblip-t5 --batch-size 4 \

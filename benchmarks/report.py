@@ -95,6 +95,27 @@ def _plugin_section(result: dict) -> list[str]:
     ]
 
 
+def _plugin_suite_section(result: dict) -> list[str]:
+    lines = [
+        "### pytest plugin on a suite of model tests — tests/guarded_suite, CPU",
+        "",
+        f"- command: `{result['command']}`; date {result['date']}; {result.get('machine', '')}",
+        f"- {result['rounds']} rounds, each mode its own pytest process, modes alternating; "
+        "CPU time is the pytest process's user + sys (imports included), session time "
+        "pytest's own",
+        "",
+        "| mode | CPU time | ratio | session | ratio | outcomes |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['mode']} | {row['cpu_s']:.2f} s | {row['cpu_ratio']:.2f}x | "
+            f"{row['session_s']:.2f} s | {row['session_ratio']:.2f}x | "
+            f"{'; '.join(row['outcomes'])} |"
+        )
+    return lines + [""]
+
+
 def _ddp_section(result: dict) -> list[str]:
     spread = result["ratio_spread"]
     return [
@@ -278,6 +299,7 @@ SECTIONS = {
     "ops": _ops_section,
     "ddp": _ddp_section,
     "plugin": _plugin_section,
+    "plugin-suite": _plugin_suite_section,
     "memory": _memory_section,
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch  # noqa: F401
@@ -645,3 +646,34 @@ def test_leak():
     result.stdout.fnmatch_lines(
         ["*forward of module 'LogLeak' (LogLeak)*", "*first op: log (aten.log.default)*"]
     )
+
+
+SUITE = Path(__file__).parent / "guarded_suite" / "suite_models.py"
+
+CANARY = """
+import torch
+
+class ShiftedLog(torch.nn.Module):
+    def forward(self, x):
+        return torch.log(x - 10)  # NaN from finite inputs
+
+def test_canary_nan_is_still_caught():
+    torch.nn.Sequential(torch.nn.Linear(2, 2), ShiftedLog())(torch.ones(1, 2))
+"""
+
+
+@pytest.mark.parametrize(
+    "guard", [["--nan-guard"], ["--nan-guard", "--nan-guard-ops"]], ids=["guard", "ops"]
+)
+def test_realistic_model_suite_has_no_false_failures(pytester, guard):
+    """tests/guarded_suite: tiny transformers/peft model tests (LoRA training with and
+    without gradient checkpointing, SDPA vs eager, fp16/bf16, generate with padding,
+    meta device, sparse gradients, ParameterDict adapters, uninitialised buffers, a
+    skip). They pass without the guard, and must pass the same way with it."""
+    pytester.makepyfile(test_suite=SUITE.read_text(), test_zcanary=CANARY)
+    plain = pytester.runpytest_subprocess("-p", "no:randomly", "-k", "not canary")
+    plain.assert_outcomes(passed=17, skipped=1)
+    guarded = pytester.runpytest_subprocess("-p", "no:randomly", *guard)
+    # The same outcomes, and the guard is live: the canary's NaN is caught.
+    guarded.assert_outcomes(passed=17, skipped=1, failed=1)
+    guarded.stdout.fnmatch_lines(["FAILED test_zcanary.py::test_canary_nan_is_still_caught*"])
