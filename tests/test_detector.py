@@ -655,3 +655,22 @@ def test_growth_from_zero_or_far_below_any_limit_is_not_divergence():
     # lora_B starts at exactly 0; a small adapter output growing is training.
     assert _growth_warnings(lambda step: 0.0 if step == 0 else 0.1 * 1.5**step, steps=8) == []
     assert _growth_warnings(lambda step: 1e-6 * 1.5**step) == []
+
+
+def test_float64_models_are_traced_and_large_finite_values_stay_finite():
+    """float64 (gradcheck, reference runs): torch refuses a float32 norm of a float64
+    tensor, and values beyond float32's range are finite in float64."""
+    model = nn.Sequential(nn.Linear(3, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with stabilizer.trace(model, optimizer=opt) as tracer:
+        for step, full in enumerate((False, True)):
+            tracer.begin_step(step, full=full)
+            loss = model(torch.full((2, 3), 1e100, dtype=torch.float64)).pow(3).sum()
+            loss.backward()
+            opt.step()
+            record = tracer.end_step(loss=loss)
+            assert record.nonfinite_sites()["fwd_out"] == [], full
+        assert record.stats["fwd_out"][0][0] == np.finfo(np.float32).max  # clamped, finite
+        tracer.begin_step(2, full=False)
+        model(torch.full((2, 3), math.nan, dtype=torch.float64)).sum().backward()
+        assert tracer.end_step().nonfinite_sites()["fwd_in"] == [0]

@@ -672,8 +672,8 @@ def test_realistic_model_suite_has_no_false_failures(pytester, guard):
     skip). They pass without the guard, and must pass the same way with it."""
     pytester.makepyfile(test_suite=SUITE.read_text(), test_zcanary=CANARY)
     plain = pytester.runpytest_subprocess("-p", "no:randomly", "-k", "not canary")
-    plain.assert_outcomes(passed=17, skipped=1)
+    plain.assert_outcomes(passed=18, skipped=1)
     guarded = pytester.runpytest_subprocess("-p", "no:randomly", *guard)
     # The same outcomes, and the guard is live: the canary's NaN is caught.
-    guarded.assert_outcomes(passed=17, skipped=1, failed=1)
+    guarded.assert_outcomes(passed=18, skipped=1, failed=1)
     guarded.stdout.fnmatch_lines(["FAILED test_zcanary.py::test_canary_nan_is_still_caught*"])

@@ -83,6 +83,11 @@ def _inputs_ok(tensors: list[torch.Tensor]) -> bool:
     return True
 
 
+def _scalars_ok(values) -> bool:
+    flat, _ = tree_flatten(values)
+    return all(math.isfinite(v) for v in flat if isinstance(v, float))
+
+
 def _emergent(tensors: list[torch.Tensor]) -> str | None:
     """``"nan"`` or ``"overflow"`` (+Inf and no NaN) for non-finite values that are not
     a masking idiom (masks, T5's log(0) in relative-position buckets, make only -inf)."""
@@ -145,7 +150,10 @@ class OpWatch(TorchDispatchMode):
         garbage = bool(self._uninitialised) and any(self._is_uninitialised(t) for t in inputs)
         # Only ops that turn finite *inputs* into NaN/Inf count: factories have none,
         # and torch.empty & co. return uninitialised memory that may hold NaN bits.
-        inputs_ok = bool(inputs) and not garbage and _inputs_ok(inputs)
+        # A NaN/Inf passed in as a number (torch.where(m, x, nan)) is an input, too.
+        inputs_ok = (
+            bool(inputs) and not garbage and _inputs_ok(inputs) and _scalars_ok((args, kwargs))
+        )
         out = func(*args, **kwargs)
         if garbage:
             self._written(func, name, args, kwargs)

@@ -47,8 +47,44 @@ def _version_of(tensor: torch.Tensor) -> int | None:
 
 
 def measurable(tensor: torch.Tensor) -> bool:
-    """Dense tensors with storage: meta tensors hold no values, sparse ones no strides."""
-    return tensor.layout == torch.strided and tensor.device.type != "meta"
+    """Dense tensors with storage: meta tensors hold no values, sparse ones no strides,
+    and a gradient hook may be handed None (an undefined gradient, as gradcheck sends)."""
+    return (
+        isinstance(tensor, torch.Tensor)
+        and tensor.layout == torch.strided
+        and tensor.device.type != "meta"
+    )
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _finite_float32(values: np.ndarray) -> np.ndarray:
+    """float64 statistics as float32 with finite values kept finite (clamped)."""
+    limit = float(_FLOAT32_MAX)
+    clamped = np.clip(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), -limit, limit)
+    return np.where(np.isfinite(values), clamped, values).astype(np.float32)
+
+
+def norms_float32(tensors: list[torch.Tensor], order: int = 2) -> torch.Tensor:
+    """Per-tensor norms as one float32 vector, by multi-tensor ops. float64 tensors are
+    reduced in float64 (torch refuses to narrow a float64 norm) and a finite norm stays
+    finite (clamped to float32's largest value): non-finite still means the tensor held
+    NaN/Inf. A list without float64 takes one op."""
+    wide = [i for i, t in enumerate(tensors) if t.dtype == torch.float64]
+    if not wide:
+        return torch.stack(torch._foreach_norm(tensors, order, dtype=torch.float32))
+    norms = torch.stack(torch._foreach_norm([tensors[i] for i in wide], order))
+    norms = torch.where(norms.isfinite(), norms.clamp(max=_FLOAT32_MAX), norms).float()
+    if len(wide) == len(tensors):
+        return norms
+    narrow = [i for i in range(len(tensors)) if i not in set(wide)]
+    out = torch.empty(len(tensors), dtype=torch.float32, device=norms.device)
+    out[wide] = norms
+    out[narrow] = torch.stack(
+        torch._foreach_norm([tensors[i] for i in narrow], order, dtype=torch.float32)
+    )
+    return out
 
 
 def segment_stats(flat: torch.Tensor, lengths: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -214,7 +250,7 @@ class PassReducer:
 
     @staticmethod
     def _flags(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(torch._foreach_norm(tensors, 1, dtype=torch.float32))
+        return norms_float32(tensors, 1)
 
     def _per_tensor(self, device: torch.device) -> bool:
         if self.strategy == "auto":
@@ -227,14 +263,16 @@ class PassReducer:
     def _full_stats_per_tensor(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         # Host memory: values are read where they lie (no device to wait for), so the
         # counts, zero on a healthy tensor, are taken only for the tensors that need them.
-        l2 = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).numpy()
+        l2 = norms_float32(tensors, 2).numpy()
         ends = [torch.aminmax(t) for t in tensors]  # one pass for both ends
         low = torch.stack([e.min for e in ends]).double().numpy()
         high = torch.stack([e.max for e in ends]).double().numpy()
-        total = torch.stack([t.sum(dtype=torch.float32) for t in tensors]).numpy()
+        wide = dtype == torch.float64
+        total = torch.stack([t.sum() if wide else t.sum(dtype=torch.float32) for t in tensors])
         rows = np.zeros((len(tensors), RAW_WIDTH), dtype=np.float32)
-        rows[:, 0] = np.maximum(np.abs(low), np.abs(high))  # NaN stays NaN
-        rows[:, 1], rows[:, 2] = l2, total
+        absmax = np.maximum(np.abs(low), np.abs(high))  # NaN stays NaN
+        rows[:, 0] = _finite_float32(absmax)
+        rows[:, 1], rows[:, 2] = l2, _finite_float32(total.double().numpy())
         threshold = near_limit_threshold(dtype)
         for i in np.flatnonzero(~np.isfinite(l2)):
             rows[i, 3] = float(torch.isnan(tensors[i]).sum())

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from stabilizer.errors import ConfigError
-from stabilizer.probes.batched import RAW_WIDTH, PassReducer, measurable
+from stabilizer.probes.batched import RAW_WIDTH, PassReducer, measurable, norms_float32
 from stabilizer.probes.gradhooks import SharedGradHooks
 from stabilizer.probes.naming import describe, strip_peft
 from stabilizer.probes.schema import PARAM_STATS, SITES, TENSOR_STATS
@@ -518,7 +518,7 @@ class Tracer:
         ]
         # One fused norm per list; a NaN/Inf element makes its norm NaN/Inf, which is
         # the per-tensor finiteness flag (no separate kernel per tensor).
-        norms = torch.stack(torch._foreach_norm(grads, dtype=torch.float32))
+        norms = norms_float32(grads)
         self._param_device["grad_norm"] = norms
         self._param_device["grad_nonfinite"] = norms
         if self._full:
@@ -530,16 +530,19 @@ class Tracer:
         if not self._param_tensors:
             return
         weights = self._param_tensors
-        norms = torch.stack(torch._foreach_norm(weights, dtype=torch.float32))
+        norms = norms_float32(weights)
         self._param_device["weight_norm"] = norms
         self._param_device["weight_nonfinite"] = norms
         if self._snapshot is not None:
             deltas = torch._foreach_sub(weights, self._snapshot)
-            delta = torch.stack(torch._foreach_norm(deltas, dtype=torch.float32))
-            base = torch.stack(torch._foreach_norm(self._snapshot, dtype=torch.float32))
+            delta = norms_float32(deltas)
+            base = norms_float32(self._snapshot)
             # A tensor that starts at exactly zero (lora_B) has no update ratio on its
-            # first step: dividing by a clamped 0 would call every healthy step huge.
-            self._param_device["update_ratio"] = torch.where(base > 0, delta / base, math.nan)
+            # first step: dividing by a clamped 0 would call every healthy step huge. (The
+            # division itself never sees 0: no 0/0 for an op-level NaN watch to report.)
+            started = base > 0
+            ratio = delta / torch.where(started, base, 1.0)
+            self._param_device["update_ratio"] = torch.where(started, ratio, math.nan)
             # Over all trainable tensors together: a freshly started tensor (lora_B from 0)
             # has a large ratio of its own on its first steps without anything being wrong.
             self._param_device["update_ratio_all"] = delta.norm() / base.norm().clamp_min(1e-30)

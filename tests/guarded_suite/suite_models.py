@@ -171,3 +171,12 @@ def test_a_skip_after_an_unsupported_dtype_check():
     with torch.no_grad():
         model(**batch("t5"))
     pytest.skip("fp16 generation is not tested on CPU")
+
+
+def test_float64_gradcheck_and_nan_sentinels():
+    layer = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: torch.tanh(layer(t)), (x,))
+    # NaN as a deliberate "no value" marker, passed in as a number: not invalid math.
+    scores = torch.where(x > 0, x, float("nan"))
+    assert torch.nanmean(scores).isfinite()
