@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from faults import keep_model, overflow_cross_attention
 from rich.console import Console
 from torch import nn
 
@@ -175,3 +176,64 @@ def test_a_repair_that_does_not_hold_stops_the_second_time(tmp_path):
 def test_max_repairs_is_validated_and_named():
     with pytest.raises(Exception, match="--max-repairs|max_repairs"):
         TrainConfig(max_repairs=0)
+
+
+# -- stabilizer's loop: a Q-Former layer that overflows fp16, a learning rate that diverges --
+
+
+def test_an_overflowing_qformer_layer_runs_in_fp32_and_the_run_finishes(tmp_path, monkeypatch):
+    overflow_cross_attention(monkeypatch, scale=2000.0)  # nan-signatures.md reproduction 3
+    cfg = TrainConfig.smoke(
+        tmp_path / "run",
+        precision="fp16",
+        trace=True,
+        on_anomaly="repair",
+        max_steps=4,
+        save_every=None,
+        max_eval_samples=4,
+    )
+    result = train(cfg, console=quiet())
+    (repair,) = result.trace.repairs
+    assert (repair["step"], repair["cause"], repair["repair"]) == (
+        0,
+        "attention-overflow",
+        "module-fp32",
+    )
+    assert repair["module"] == "Q-Former layer 0 cross-attention scores"
+    # Step 0 was redone with the layer in fp32: every step trained on finite values.
+    assert result.nonfinite_steps == 0 and all(math.isfinite(x) for x in result.losses)
+    assert len(result.losses) == 4
+
+
+def diverging(tmp_path, **overrides):
+    return TrainConfig.smoke(
+        tmp_path / "run",
+        precision="fp16",
+        lr=10.0,
+        warmup_steps=0,
+        trace=True,
+        on_anomaly="repair",
+        save_every=None,
+        max_eval_samples=4,
+        **overrides,
+    )
+
+
+def test_a_diverging_learning_rate_is_rolled_back_and_lowered_until_it_trains(
+    tmp_path, monkeypatch
+):
+    kept = keep_model(monkeypatch)
+    result = train(diverging(tmp_path, max_steps=12, max_repairs=10), console=quiet())
+    rollbacks = [r for r in result.trace.repairs if r["repair"] == "rollback"]
+    assert rollbacks and all(r["cause"] == "divergence-overflow" for r in rollbacks)
+    # Each rollback halves the peak rate, and the repairs are in the run's summary.
+    peaks = [float(r["detail"].rsplit("peak now ", 1)[1].rstrip(")")) for r in rollbacks]
+    assert peaks == [10.0 * 0.5 ** (i + 1) for i in range(len(peaks))]
+    assert len(result.losses) == 12
+    trainable = [p for p in kept["model"].parameters() if p.requires_grad]
+    assert all(bool(torch.isfinite(p).all()) for p in trainable)
+
+
+def test_max_repairs_bounds_rollbacks_too(tmp_path):
+    with pytest.raises(stabilizer.NumericalAnomalyError, match="1 repairs = --max-repairs"):
+        train(diverging(tmp_path, max_steps=30, max_repairs=1), console=quiet())

@@ -469,6 +469,12 @@ class TraceSession:
             kind = repair_kind(anomaly.cause, anomaly.pass_)
             if kind != "rollback":
                 return self._repair(anomaly, record, kind)
+            if len(self.summary.repairs) >= self.settings.max_repairs:
+                why = f"{len(self.summary.repairs)} repairs = --max-repairs"
+                self._act(record.step, "stop", f"cannot repair: {why}")
+                raise NumericalAnomalyError(
+                    anomaly, f"training stopped at step {record.step}: {why}"
+                )
         if self.policy in ("skip", "clip"):
             self.before.restore()
             self.detector.weights_restored()
@@ -503,13 +509,25 @@ class TraceSession:
             if self.scheduler is not None and hasattr(self.scheduler, "base_lrs")
             else self.optimizer.param_groups[0]["lr"]
         )
+        # The unstable update (if one was warned) is undone with the rest: a good state
+        # may be kept again from here.
+        self.detector.update_repaired()
         self.summary.rolled_back_steps.append(record.step)
-        self._act(
-            record.step,
-            "rollback",
+        detail = (
             f"restored the last good adapter and optimizer state; learning rate x"
-            f"{self.settings.rollback_lr_factor} (peak now {peak:.3g})",
+            f"{self.settings.rollback_lr_factor} (peak now {peak:.3g})"
         )
+        if self.policy == "repair":
+            self.summary.repairs.append(
+                {
+                    "step": record.step,
+                    "cause": anomaly.cause,
+                    "module": anomaly.module,
+                    "repair": "rollback",
+                    "detail": detail,
+                }
+            )
+        self._act(record.step, "rollback", detail)
         return "rolled_back", False
 
     def _repair(self, anomaly: Anomaly, record: StepRecord, kind: str | None):
