@@ -228,6 +228,11 @@ def load_trainable_weights(ckpt_dir: Path, model: nn.Module) -> None:
     _copy_weights(model, _read_trainable(ckpt_dir, model))
 
 
+def read_checkpoint_extra(ckpt_dir: Path) -> dict:
+    """The caller's ``extra`` state of a checkpoint, without loading any tensor."""
+    return dict(_read_trainer_state(Path(ckpt_dir)).get("extra", {}))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of ``run_dir``, oldest (lowest step) first.
 

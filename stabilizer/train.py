@@ -31,7 +31,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from stabilizer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from stabilizer.checkpoint import (
+    find_latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_extra,
+    save_checkpoint,
+)
 from stabilizer.config import TraceSettings, TrainConfig
 from stabilizer.data import check_samples, load_samples
 from stabilizer.data.collate import BatchEncoder
@@ -48,7 +53,7 @@ from stabilizer.models.lora import (
     parameter_table,
     verify_lora_scope,
 )
-from stabilizer.precision import PrecisionPlan, plan_precision
+from stabilizer.precision import DTYPES, PrecisionPlan, plan_precision
 from stabilizer.preflight import PreflightReport, gate, preflight
 from stabilizer.rundir import (
     EVAL_FILE,
@@ -222,6 +227,29 @@ def batches_of(
         mine = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
         batches.append(encoder.train_batch([samples[i] for i in mine]))
     return epoch, batches
+
+
+def _resume_repaired(model, plan: PrecisionPlan, repaired: dict, log: Console) -> PrecisionPlan:
+    """Put a resumed run back where its upcast repair left it: trainable tensors in
+    fp32 before the optimizer is built (the checkpoint's fp32 values then load without
+    rounding to fp16), the forward under autocast and, where it had one, a GradScaler."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+    autocast = DTYPES.get({"float16": "fp16", "bfloat16": "bf16"}.get(repaired["autocast"], ""))
+    log.print(
+        f"resume: this run was repaired at step {repaired['step']}: trainable tensors in "
+        f"fp32, the forward under {repaired['autocast']} autocast"
+        + (" and a GradScaler" if repaired.get("grad_scaler") else "")
+        + ", as it trained after the repair"
+    )
+    return dataclasses.replace(
+        plan,
+        trainable_dtype=torch.float32,
+        autocast_dtype=autocast,
+        use_grad_scaler=bool(repaired.get("grad_scaler")),
+    )
 
 
 def run_preflight(cfg, model, optimizer, scaler, batches, console: Console) -> PreflightReport:
@@ -405,6 +433,15 @@ def _train(
     )
 
     # -- optimisation ----------------------------------------------------------
+    # A run that --on-anomaly repair upcast resumes as it trained after the repair
+    # (fp32 adapters and Adam state, autocast, GradScaler), not as its config began.
+    repaired_precision = None
+    if resume:
+        repaired_precision = read_checkpoint_extra(find_latest_checkpoint(run_dir)).get(
+            "repaired_precision"
+        )
+    if repaired_precision:
+        plan = _resume_repaired(model, plan, repaired_precision, log)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_schedule(optimizer, cfg, total_steps)
     scaler = plan.grad_scaler(device.type)
@@ -521,7 +558,12 @@ def _train(
                 optimizer=optimizer,
                 scheduler=scheduler,
                 scaler=scaler,
-                extra={"epoch": epoch, "total_steps": total_steps, "world_size": world},
+                extra={
+                    "epoch": epoch,
+                    "total_steps": total_steps,
+                    "world_size": world,
+                    **({"repaired_precision": repaired_precision} if repaired_precision else {}),
+                },
                 keep_last=cfg.keep_last,
             )
 
@@ -609,6 +651,11 @@ def _train(
                         if session.uses_grad_scaler and scaler is None:
                             scaler = torch.amp.GradScaler(device.type)
                             plan = dataclasses.replace(plan, use_grad_scaler=True)
+                        repaired_precision = {
+                            "step": step,
+                            "autocast": str(plan.autocast_dtype).replace("torch.", ""),
+                            "grad_scaler": scaler is not None,
+                        }
                     if session is None or not session.take_redo():
                         break
                 pending_lr.append(step_lr)

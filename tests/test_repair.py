@@ -13,6 +13,7 @@ from torch import nn
 
 import stabilizer
 from stabilizer.config import TrainConfig
+from stabilizer.data.collate import BatchEncoder
 from stabilizer.store import TraceStore
 from stabilizer.train import train
 
@@ -237,3 +238,40 @@ def test_a_diverging_learning_rate_is_rolled_back_and_lowered_until_it_trains(
 def test_max_repairs_bounds_rollbacks_too(tmp_path):
     with pytest.raises(stabilizer.NumericalAnomalyError, match="1 repairs = --max-repairs"):
         train(diverging(tmp_path, max_steps=30, max_repairs=1), console=quiet())
+
+
+def test_a_repaired_run_resumes_as_it_trained_after_the_repair(tmp_path, monkeypatch):
+    def config(name):
+        return TrainConfig.smoke(
+            tmp_path / name,
+            adapter_dtype="fp16",
+            trace=True,
+            on_anomaly="repair",
+            max_steps=6,
+            save_every=3,
+            max_eval_samples=4,
+        )
+
+    straight = train(config("straight"), console=quiet())
+    # Killed while it builds step 4's batch, after the step-3 checkpoint.
+    real = BatchEncoder.train_batch
+    calls = {"n": 0}
+
+    def dying(self, samples, **kwargs):
+        if kwargs.get("pixel_values") is None:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+        return real(self, samples, **kwargs)
+
+    monkeypatch.setattr(BatchEncoder, "train_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(config("killed"), console=quiet())
+    monkeypatch.setattr(BatchEncoder, "train_batch", real)
+    console = quiet()
+    resumed = train(config("killed"), resume=True, console=console)
+    # No second repair: the checkpoint's fp32 adapters, Adam state and GradScaler state
+    # load as they were, and the steps after it are the uninterrupted run's.
+    assert "this run was repaired at step 0" in console.export_text()
+    assert resumed.trace.repairs == [] and resumed.trace.anomalies == []
+    assert resumed.losses == straight.losses[3:]
