@@ -3,7 +3,10 @@
 The trainer writes one transaction per step; reports and the CLI read the same file,
 even while training runs, without torch. SQLite runs in WAL mode with
 ``synchronous=NORMAL``: a writer killed with SIGKILL loses at most the step it was
-writing; every committed step, anomaly and action stays readable.
+writing; every committed step, anomaly and action stays readable. Opening or reading
+a store damaged later (a cut-off copy, a failing disk) raises a ``StoreError`` that
+says so and that the run's checkpoints are separate; a file that never was a store
+is told apart from it (by its SQLite header and the stabilizer tables in its schema).
 
 Tables (plain SQL works: ``sqlite3 trace.db "SELECT step, loss FROM steps"``):
 
@@ -53,6 +56,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sqlite3
 import time
@@ -146,6 +150,100 @@ class StoreError(StabilizerError):
 
     The message names the file and says what to do.
     """
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+# Names only a stabilizer store's schema holds; SQLite keeps the schema's SQL text on
+# page 1, so they are still there when the header before them was overwritten.
+_SCHEMA_MARKS = (b"module_stats", b"param_stats", b"fire_order")
+_SCHEMA_PAGE_BYTES = 65536  # the largest SQLite page
+
+
+def _reads(method):
+    """A reader whose query meets a damaged page raises a StoreError that says so.
+
+    Only readers: writers let sqlite3's errors through, because the training loop
+    tells a full disk by them (``rundir.is_disk_full``).
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: TraceStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as err:
+            raise _unreadable(self.path, err) from err
+        except json.JSONDecodeError as err:  # a JSON column cut or overwritten
+            raise _damaged(self.path, f"a JSON value in it is unreadable ({err})") from err
+
+    return wrapper
+
+
+def _unreadable(path: Path, err: sqlite3.DatabaseError) -> StoreError:
+    """The StoreError for a file SQLite could not read: damaged store, or never one."""
+    head = _file_head(path)
+    size = _file_size(path)
+    ours = any(mark in head for mark in _SCHEMA_MARKS)
+    if not head.startswith(_SQLITE_MAGIC):
+        if ours:
+            return _damaged(path, f"its SQLite header is overwritten: {err}")
+        return StoreError(
+            f"{path} is not a stabilizer trace store: it is not an SQLite file ({err}). "
+            "Point at a run's trace.db"
+        )
+    expected = _size_in_header(head)
+    if expected is not None and size < expected:
+        return _damaged(path, f"truncated: {size:,} of its {expected:,} bytes are there")
+    if ours or _is_corruption(err):
+        return _damaged(path, str(err))
+    return StoreError(f"{path}: cannot read the trace store ({err})")
+
+
+def _damaged(path: Path, why: str) -> StoreError:
+    """What is lost (this trace) and what is not (the checkpoints), and what to do."""
+    name = path.name
+    return StoreError(
+        f"{path} is a damaged stabilizer trace store ({why}). Only the trace is lost: "
+        "the run's checkpoints (checkpoints/step-*/) and metrics.jsonl are separate "
+        f"files, so `stabilizer eval` still works, and after `mv {name} {name}.damaged` "
+        "`stabilizer train --resume` continues from the last checkpoint, tracing the "
+        f"steps after it into a new {name}. `sqlite3 {name}.damaged .recover | sqlite3 "
+        "recovered.db` may salvage the rows that are still readable"
+    )
+
+
+def _file_head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(_SCHEMA_PAGE_BYTES)
+    except OSError:
+        return b""
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _size_in_header(head: bytes) -> int | None:
+    """The database size the SQLite header records, or None where it is not reliable."""
+    if len(head) < 100:
+        return None
+    page_size = int.from_bytes(head[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(head[28:32], "big")
+    # The page count is valid only while "version-valid-for" equals the change counter.
+    if head[24:28] != head[92:96] or not pages:
+        return None
+    return page_size * pages
+
+
+def _is_corruption(err: sqlite3.DatabaseError) -> bool:
+    """SQLite's "database disk image is malformed" or "file is not a database"."""
+    if getattr(err, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+        return True  # Python >= 3.11 names the error; older ones only word it
+    return any(words in str(err) for words in ("malformed", "not a database"))
 
 
 @dataclass(frozen=True)
@@ -309,6 +407,9 @@ class TraceStore:
         try:
             _check_is_store(conn, path)
             return cls(path, conn, readonly=True)
+        except sqlite3.DatabaseError as err:  # the tables past meta may be damaged too
+            conn.close()
+            raise _unreadable(path, err) from err
         except BaseException:
             conn.close()
             raise
@@ -476,10 +577,12 @@ class TraceStore:
 
     # ------------------------------------------------------------------ reading
 
+    @_reads
     def meta(self) -> dict:
         """All meta keys with their decoded JSON values."""
         return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
 
+    @_reads
     def modules(self) -> list[ModuleInfo]:
         """The registered modules ordered by id (list index == id)."""
         rows = self._conn.execute(
@@ -487,6 +590,7 @@ class TraceStore:
         )
         return [ModuleInfo(*r[:6], is_attention=bool(r[6])) for r in rows]
 
+    @_reads
     def params(self) -> list[ParamInfo]:
         """The registered parameters ordered by id (list index == id)."""
         rows = self._conn.execute(
@@ -494,6 +598,7 @@ class TraceStore:
         )
         return [ParamInfo(*r) for r in rows]
 
+    @_reads
     def steps(self) -> dict[str, np.ndarray]:
         """The step table as columns, ordered by step.
 
@@ -520,6 +625,7 @@ class TraceStore:
             "extra": _object_array([json.loads(r[7]) if r[7] else {} for r in rows]),
         }
 
+    @_reads
     def module_stat(
         self, stat: str, site: str, *, full_only: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -553,6 +659,7 @@ class TraceStore:
         ).fetchall()
         return steps, _fill(steps, rows, self._count("modules"))
 
+    @_reads
     def param_stat(self, stat: str) -> tuple[np.ndarray, np.ndarray]:
         """One parameter statistic over all steps: ``(steps (S,), values (S, n_params))``.
 
@@ -568,6 +675,7 @@ class TraceStore:
         rows = self._conn.execute(f"SELECT step, param_id, {stat} FROM param_stats").fetchall()
         return steps, _fill(steps, rows, self._count("params"))
 
+    @_reads
     def read_step(self, step: int) -> StepData:
         """Rebuild one step's ``StepData`` (sites with no fired module are left out).
 
@@ -618,6 +726,7 @@ class TraceStore:
             data.param_stats[arr[:, 0].astype(np.int64)] = arr[:, 1:]
         return data
 
+    @_reads
     def anomalies(self) -> list[dict]:
         """Every anomaly in order of recording, ``evidence`` decoded.
 
@@ -633,6 +742,7 @@ class TraceStore:
             a["evidence"] = json.loads(a["evidence"]) if a["evidence"] else {}
         return out
 
+    @_reads
     def actions(self) -> list[dict]:
         """Every policy action in order: dicts with id, step, action, detail, created."""
         cur = self._conn.execute(
@@ -753,16 +863,32 @@ def _run_ddl(conn: sqlite3.Connection) -> None:
 
 
 def _check_is_store(conn: sqlite3.Connection, path: Path) -> None:
-    """Raise StoreError naming ``path`` unless it is a trace store this code can read."""
+    """Raise StoreError naming ``path`` unless it is a trace store this code can read.
+
+    The error tells a damaged or truncated store (the trace is lost, the run is not)
+    from a file that never was a store (the user pointed at the wrong file).
+    """
     try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        row = None
+        if "meta" in tables:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as err:
+        raise _unreadable(path, err) from err
+    if not tables and _file_size(path) == 0:
+        # SQLite takes an empty file for an empty database; a store never is one.
+        raise _damaged(path, "the file is empty (0 bytes)")
+    if not tables:
         raise StoreError(
-            f"{path} is not a stabilizer trace store ({err}). Point at a run's trace.db"
-        ) from err
+            f"{path} is an SQLite file with no tables, not a stabilizer trace store. "
+            "Point at the trace.db that `stabilizer train --trace` writes in a run folder"
+        )
     if row is None:
         raise StoreError(f"{path} is an SQLite file but not a stabilizer trace store")
-    version = json.loads(row[0])
+    try:
+        version = json.loads(row[0])
+    except (TypeError, ValueError) as err:
+        raise _damaged(path, f"its schema_version {row[0]!r} is unreadable") from err
     if version != SCHEMA_VERSION:
         raise StoreError(
             f"{path} has trace schema version {version}; this stabilizer reads version "

@@ -636,8 +636,21 @@ def write_bundle(run_dir, anomaly, cfg, model, optimizer, micro_batches, rng_sta
     return bundle
 
 
+BUNDLE_FORMAT = "stabilizer-repro"
+BUNDLE_VERSION = 1
+_MAX_STEP = 2**63 - 1  # steps are SQLite INTEGERs in the trace store
+REMAKE_BUNDLE = (
+    "copy the whole repro/step-N folder again from the run, or make a new bundle with "
+    "`stabilizer train --trace`"
+)
+
+
 def load_bundle(path: Path) -> dict:
-    """Read ``bundle.json`` (JSON only: bundles may come from strangers)."""
+    """Read and check ``bundle.json`` (JSON only: bundles may come from strangers).
+
+    Every field the replay uses is checked here, so a tampered or damaged manifest is
+    a ConfigError naming the file and the field, never a KeyError halfway through.
+    """
     from stabilizer.errors import ConfigError
 
     path = Path(path)
@@ -647,10 +660,68 @@ def load_bundle(path: Path) -> dict:
             f"{path}: not a repro bundle (no {BUNDLE_FILE}); bundles are written to "
             "runs/<name>/repro/step-N/ when --trace finds an anomaly"
         )
-    try:
-        data = json.loads(manifest.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{manifest}: not valid JSON ({exc})") from exc
-    if data.get("format") != "stabilizer-repro":
-        raise ConfigError(f"{manifest}: not a stabilizer repro bundle")
+    data = _read_manifest(manifest)
+    _check_manifest(data, manifest)
     return data
+
+
+def _read_manifest(manifest: Path) -> dict:
+    from stabilizer.errors import ConfigError
+
+    try:
+        data = json.loads(manifest.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{manifest}: cannot be read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{manifest}: not valid JSON (not UTF-8 text: byte {exc.start}); {REMAKE_BUNDLE}"
+        ) from exc
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurd nesting
+        raise ConfigError(f"{manifest}: not valid JSON ({exc}); {REMAKE_BUNDLE}") from exc
+    if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
+        raise ConfigError(
+            f'{manifest}: not a stabilizer repro bundle (no "format": "{BUNDLE_FORMAT}"); '
+            "pass a runs/<name>/repro/step-N folder that `stabilizer train --trace` wrote"
+        )
+    return data
+
+
+def _check_manifest(data: dict, manifest: Path) -> None:
+    """Each field the replay reads is present and of its type (raises ConfigError)."""
+    from stabilizer.errors import ConfigError
+
+    if data.get("version") != BUNDLE_VERSION:
+        raise ConfigError(
+            f"{manifest}: field 'version' is {data.get('version')!r}; this stabilizer "
+            f"replays version {BUNDLE_VERSION} bundles. Use the stabilizer that wrote it"
+        )
+    _check_whole_number(data, "step", manifest, low=0, high=_MAX_STEP)
+    # The upper bound of micro_batches is what batch.safetensors holds (checked there).
+    _check_whole_number(data, "micro_batches", manifest, low=1, high=_MAX_STEP)
+    for key in ("config", "anomaly"):
+        if not isinstance(data.get(key), dict):
+            raise _field_error(manifest, key, data, "a JSON object")
+    missing = [k for k in ("step", "pass", "cause") if k not in data["anomaly"]]
+    if missing:
+        raise ConfigError(
+            f"{manifest}: field 'anomaly' lacks {', '.join(map(repr, missing))} (the "
+            f"recorded diagnosis the replay is compared with); {REMAKE_BUNDLE}"
+        )
+
+
+def _check_whole_number(data: dict, key: str, manifest: Path, *, low: int, high: int) -> None:
+    value = data.get(key)
+    # bool is an int in Python, and JSON's 1e99 a float: neither is a count.
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        top = "2**63-1" if high == _MAX_STEP else str(high)
+        raise _field_error(manifest, key, data, f"a whole number from {low} to {top}")
+
+
+def _field_error(manifest: Path, key: str, data: dict, expected: str):
+    from stabilizer.errors import ConfigError
+
+    if key not in data:
+        problem = f"is missing (it must be {expected})"
+    else:
+        problem = f"must be {expected}, not {data[key]!r:.80}"
+    return ConfigError(f"{manifest}: field '{key}' {problem}; {REMAKE_BUNDLE}")

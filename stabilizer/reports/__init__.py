@@ -50,6 +50,7 @@ def write_report(run_dir: Path) -> Path:
     from stabilizer.reports.ranks import open_rank_stores, rank_figure
 
     out_dir = run_dir / FIGURES_DIR
+    _check_report_paths(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         ranks = open_rank_stores(run_dir, stack)
@@ -64,3 +65,21 @@ def write_report(run_dir: Path) -> Path:
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(target)
     return target
+
+
+def _check_report_paths(run_dir: Path) -> None:
+    """Refuse, before any plot is drawn, a run folder where the report cannot land:
+    ``report/`` must be a folder (the PNGs go in it) and ``report.html`` a file."""
+    from stabilizer.errors import ConfigError
+
+    figures, page = run_dir / FIGURES_DIR, run_dir / REPORT_FILE
+    if figures.exists() and not figures.is_dir():
+        raise ConfigError(
+            f"{figures} is a file, but the report writes its PNG plots into a folder of "
+            "that name; move or delete that file, then run `stabilizer report` again"
+        )
+    if page.is_dir():
+        raise ConfigError(
+            f"{page} is a folder, but the report is written to a file of that name; move "
+            "or delete that folder, then run `stabilizer report` again"
+        )
