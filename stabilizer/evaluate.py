@@ -26,13 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from stabilizer.data.collate import IGNORE_INDEX, BatchEncoder
-from stabilizer.data.sample import VQASample
+from stabilizer.data.sample import NO_TYPE, VQASample
 
 IMAGE_MODES = ("real", "blank", "shuffled")
 
 
 @dataclass
 class EvalResult:
+    """Accuracy overall and by question type; samples without a type (``NO_TYPE``)
+    count in ``accuracy`` and ``count`` only, never in ``by_type``."""
+
     images: str
     accuracy: float
     loss: float
@@ -121,13 +124,15 @@ def evaluate(
             progress(len(chunk))
     model.train(was_training)
     total = sum(seen.values())
+    # NO_TYPE is spelled "all", the overall figure's name: as a type it would repeat it.
+    typed = [t for t in sorted(seen) if t != NO_TYPE]
     return EvalResult(
         images=images,
         accuracy=sum(correct.values()) / total if total else math.nan,
         loss=loss_sum / loss_count if loss_count else math.nan,
         count=total,
-        by_type={t: correct[t] / seen[t] for t in sorted(seen)},
-        count_by_type=dict(sorted(seen.items())),
+        by_type={t: correct[t] / seen[t] for t in typed},
+        count_by_type={t: seen[t] for t in typed},
     )
 
 

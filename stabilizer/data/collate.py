@@ -104,13 +104,13 @@ class BatchEncoder:
             "qformer_attention_mask": enc["attention_mask"],
         }
 
-    def _check_labels(self, sample: VQASample, answer_ids: list[int]) -> None:
+    def _check_labels(self, sample: VQASample, answer: str, answer_ids: list[int]) -> None:
         # The eos alone is no answer: a loss on it teaches nothing and an empty
         # answer usually means the text was lost (e.g. truncated away).
         if len(answer_ids) <= 1:
             raise BadSampleError(
                 sample.source,
-                f"the answer {sample.answer!r} encodes to no token, so every label is masked "
+                f"the answer {answer!r} encodes to no token, so every label is masked "
                 "and the loss would be 0/0",
                 "Fix the record's answer, or pass --on-bad-sample skip",
             )
@@ -147,7 +147,8 @@ class BatchEncoder:
         for sample, answer in zip(samples, answers, strict=True):
             prompt = self._prompt_ids(sample)
             answer_ids = self._answer_ids(sample, answer)
-            self._check_labels(sample, answer_ids)
+            # ``answer`` may be a candidate being ranked, not the sample's own answer.
+            self._check_labels(sample, answer, answer_ids)
             if self.decoder_only:
                 prompt = self._fit_decoder_only(sample, prompt, answer_ids)
                 ids = prefix + prompt + answer_ids

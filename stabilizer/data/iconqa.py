@@ -86,7 +86,9 @@ def _sample_from_folder(folder: Path, split: str) -> VQASample:
     )
 
 
-def load_iconqa(root: Path | str, split: str = "train") -> list[VQASample]:
+def load_iconqa(
+    root: Path | str, split: str = "train", *, skipped: list[BadSampleError] | None = None
+) -> list[VQASample]:
     """Load the ``choose_txt`` questions of ``split``, in numeric question-id order.
 
     >>> samples = load_iconqa("iconqa_data", "val")  # doctest: +SKIP
@@ -95,7 +97,8 @@ def load_iconqa(root: Path | str, split: str = "train") -> list[VQASample]:
 
     Raises ``ConfigError`` when no ``<split>/choose_txt`` folder is found under
     ``root`` (the message lists the splits that exist), ``BadSampleError`` naming the
-    data.json when one is malformed.
+    data.json when one is malformed; with ``skipped`` (a list, for
+    ``--on-bad-sample skip``) that error is appended to it and the question left out.
     """
     root = Path(root)
     base = find_iconqa_root(root)
@@ -114,4 +117,12 @@ def load_iconqa(root: Path | str, split: str = "train") -> list[VQASample]:
     folders = sorted((p for p in task_dir.iterdir() if p.is_dir()), key=_qid_order)
     if not folders:
         raise ConfigError(f"IconQA split folder {task_dir} holds no question folders")
-    return [_sample_from_folder(folder, split) for folder in folders]
+    samples = []
+    for folder in folders:
+        try:
+            samples.append(_sample_from_folder(folder, split))
+        except BadSampleError as err:
+            if skipped is None:
+                raise
+            skipped.append(err)
+    return samples

@@ -7,21 +7,32 @@ One object per line::
 
 ``image``, ``question`` and ``answer`` are required; ``choices``, ``type`` and ``id``
 are optional. Relative image paths are resolved from the folder holding the file.
-Blank lines are ignored.
+Blank lines are ignored. The file must be UTF-8 (a UTF-8 byte-order mark is allowed).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stabilizer.data.sample import VQASample
+from stabilizer.data.sample import NO_TYPE, VQASample
 from stabilizer.errors import BadSampleError, ConfigError
 
 FIX_LINE_HINT = "Fix or remove the line, or pass --on-bad-sample skip to leave it out"
+# Byte-order marks that say the whole file is in another encoding, with the name iconv
+# knows it by. UTF-32-LE's mark begins with UTF-16-LE's, so it must be tested first.
+_FOREIGN_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32 (little-endian)", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32 (big-endian)", "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16 (little-endian)", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16 (big-endian)", "UTF-16"),
+)
+# How many bytes before an undecodable one the message quotes, to help find it.
+_CONTEXT_BYTES = 20
 
 
 def option_label(index: int) -> str:
@@ -95,6 +106,49 @@ def _choices_field(record: dict[str, Any], source: str) -> tuple[str, ...] | Non
     return tuple(str(c).strip() for c in value)
 
 
+def _utf8_body(data: bytes, path: Path) -> bytes:
+    """The file's bytes without a UTF-8 byte-order mark; refuse UTF-16 and UTF-32 files.
+
+    A UTF-16/32 file is wrong on every line, so it is one error for the whole file
+    (never skipped line by line), naming the encoding its byte-order mark shows.
+    """
+    for bom, encoding, iconv_name in _FOREIGN_BOMS:
+        if data.startswith(bom):
+            raise BadSampleError(
+                f"{path}, line 1",
+                f"starts with a {encoding} byte-order mark: the file looks {iconv_name} "
+                "encoded, and JSONL files must be UTF-8",
+                f"Re-save it as UTF-8, for example: iconv -f {iconv_name} -t UTF-8 "
+                f"{path.name} > {path.stem}-utf8.jsonl",
+            )
+    # Files saved by some Windows editors start with a UTF-8 byte-order mark.
+    return data.removeprefix(codecs.BOM_UTF8)
+
+
+def _decode_line(raw: bytes, source: str) -> str:
+    """One line's bytes as text, or a message saying where the non-UTF-8 byte is."""
+    if b"\x00" in raw:
+        # UTF-8 text never holds NUL bytes; UTF-16/32 without a byte-order mark does.
+        raise BadSampleError(
+            source,
+            "holds NUL bytes: the file looks UTF-16 or UTF-32 encoded, and JSONL files must "
+            "be UTF-8",
+            "Re-save it as UTF-8, for example: iconv -f UTF-16 -t UTF-8 in.jsonl > out.jsonl",
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        before = raw[max(0, err.start - _CONTEXT_BYTES) : err.start].decode("utf-8", "replace")
+        raise BadSampleError(
+            source,
+            f"is not UTF-8 text: byte 0x{raw[err.start]:02x} at position {err.start + 1} of "
+            f"the line, after {before!r}, cannot be decoded, and JSONL files must be UTF-8",
+            "Re-save the file as UTF-8 (from Latin-1 or Windows-1252, for example: "
+            "iconv -f CP1252 -t UTF-8 in.jsonl > out.jsonl), or pass --on-bad-sample skip "
+            "to leave the line out",
+        ) from None
+
+
 def _parse_line(line: str, source: str) -> dict[str, Any]:
     """Decode one line into a JSON object, or say exactly what is wrong with it."""
     try:
@@ -117,7 +171,7 @@ def _sample_from_record(record: dict[str, Any], path: Path, line_no: int) -> VQA
     question = _text_field(record, "question", source)
     answer = _text_field(record, "answer", source)
     choices = _choices_field(record, source)
-    question_type = str(record.get("type") or "all").strip() or "all"
+    question_type = str(record.get("type") or NO_TYPE).strip() or NO_TYPE
     record_id = record.get("id")
     local_id = f"line-{line_no}" if record_id is None else str(record_id)
     return VQASample(
@@ -132,15 +186,17 @@ def _sample_from_record(record: dict[str, Any], path: Path, line_no: int) -> VQA
     )
 
 
-def load_jsonl(path: Path | str) -> list[VQASample]:
+def load_jsonl(path: Path | str, *, skipped: list[BadSampleError] | None = None) -> list[VQASample]:
     """Load every record of a JSONL file, in file order.
 
     >>> samples = load_jsonl("my_data/train.jsonl")  # doctest: +SKIP
     >>> samples[0].source  # doctest: +SKIP
     'my_data/train.jsonl, line 1'
 
-    Raises ``BadSampleError`` naming the file and line for a malformed line, a
-    missing field or a repeated ``id``; ``ConfigError`` when the file is missing.
+    Raises ``BadSampleError`` naming the file and line for a line that is not UTF-8
+    or not JSON, a missing field or a repeated ``id``; ``ConfigError`` when the file
+    is missing. With ``skipped`` (a list, for ``--on-bad-sample skip``) such a line is
+    appended to it and left out instead; a file in UTF-16 or UTF-32 is still an error.
     Whether images exist and answers match choices is checked later by
     :func:`stabilizer.data.validate.check_samples`.
     """
@@ -149,21 +205,32 @@ def load_jsonl(path: Path | str) -> list[VQASample]:
         raise ConfigError(f"JSONL file {path} does not exist")
     samples: list[VQASample] = []
     first_line_of: dict[str, int] = {}
-    # utf-8-sig: files saved by some Windows editors start with a byte-order mark.
-    with path.open(encoding="utf-8-sig") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    # Bytes, decoded line by line, so a non-UTF-8 byte is reported with its line number.
+    lines = _utf8_body(path.read_bytes(), path).splitlines()
+    for line_no, raw in enumerate(lines, start=1):
+        source = f"{path}, line {line_no}"
+        try:
+            line = _decode_line(raw, source)
             if not line.strip():
                 continue
-            source = f"{path}, line {line_no}"
             sample = _sample_from_record(_parse_line(line, source), path, line_no)
-            # Ids key per-sample results downstream, so a repeat would silently merge two.
-            if sample.sample_id in first_line_of:
-                raise BadSampleError(
-                    source,
-                    f"repeats id {sample.sample_id.split('/', 1)[1]!r} "
-                    f"first used on line {first_line_of[sample.sample_id]}",
-                    "Give every record its own id",
-                )
-            first_line_of[sample.sample_id] = line_no
-            samples.append(sample)
+            _check_unique_id(sample, first_line_of, source)
+        except BadSampleError as err:
+            if skipped is None:
+                raise
+            skipped.append(err)
+            continue
+        first_line_of[sample.sample_id] = line_no
+        samples.append(sample)
     return samples
+
+
+def _check_unique_id(sample: VQASample, first_line_of: dict[str, int], source: str) -> None:
+    """Refuse a repeated id: ids key per-sample results downstream, so two would merge."""
+    if sample.sample_id in first_line_of:
+        raise BadSampleError(
+            source,
+            f"repeats id {sample.sample_id.split('/', 1)[1]!r} "
+            f"first used on line {first_line_of[sample.sample_id]}",
+            "Give every record its own id",
+        )

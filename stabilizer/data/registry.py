@@ -16,7 +16,7 @@ from stabilizer.data.jsonl import load_jsonl
 from stabilizer.data.sample import VQASample
 from stabilizer.data.scienceqa import PROBLEMS_FILE, load_scienceqa
 from stabilizer.data.validate import check_limit
-from stabilizer.errors import ConfigError
+from stabilizer.errors import BadSampleError, ConfigError
 
 DEFAULT_SPEC = "easy-vqa"
 EASY_VQA_NAMES = frozenset({"easy-vqa", "easy_vqa", "easyvqa"})
@@ -95,14 +95,27 @@ def _jsonl_for_split(path: Path, split: str) -> Path:
     )
 
 
-_PATH_LOADERS: dict[str, Callable[[Path, str], list[VQASample]]] = {
-    "scienceqa": lambda path, split: load_scienceqa(path, SPLIT_ALIASES.get(split, split)),
-    "iconqa": lambda path, split: load_iconqa(path, SPLIT_ALIASES.get(split, split)),
-    "jsonl": lambda path, split: load_jsonl(_jsonl_for_split(path, split)),
+# Each takes (path, split, skipped); see load_samples for ``skipped``.
+_PATH_LOADERS: dict[str, Callable[[Path, str, list | None], list[VQASample]]] = {
+    "scienceqa": lambda path, split, skipped: load_scienceqa(
+        path, SPLIT_ALIASES.get(split, split), skipped=skipped
+    ),
+    "iconqa": lambda path, split, skipped: load_iconqa(
+        path, SPLIT_ALIASES.get(split, split), skipped=skipped
+    ),
+    "jsonl": lambda path, split, skipped: load_jsonl(
+        _jsonl_for_split(path, split), skipped=skipped
+    ),
 }
 
 
-def load_samples(spec: str, split: str, *, limit: int | None = None) -> list[VQASample]:
+def load_samples(
+    spec: str,
+    split: str,
+    *,
+    limit: int | None = None,
+    skipped: list[BadSampleError] | None = None,
+) -> list[VQASample]:
     """Load ``split`` of the dataset named by ``spec``, keeping the first ``limit``.
 
     >>> len(load_samples("easy-vqa", "test", limit=5))
@@ -111,12 +124,15 @@ def load_samples(spec: str, split: str, *, limit: int | None = None) -> list[VQA
     ``spec`` is ``"easy-vqa"``, ``"scienceqa:PATH"``, ``"iconqa:PATH"``,
     ``"jsonl:PATH"``, or a bare path whose kind is detected from its contents. An
     unknown spec, a missing path or a missing split raises ``ConfigError`` saying
-    what is accepted or which splits exist. Images are not opened here; run
+    what is accepted or which splits exist. A record that cannot be read raises
+    ``BadSampleError``, or, when ``skipped`` is a list (``--on-bad-sample skip``), is
+    appended to it and left out; the whole file is read, so a bad record past
+    ``limit`` counts too. Images are not opened here; run
     :func:`stabilizer.data.validate.check_samples` on the result.
     """
     check_limit(limit)
     kind, path = resolve_spec(spec)
     if path is None:
         return load_easy_vqa(split, limit=limit)
-    samples = _PATH_LOADERS[kind](path, split)
+    samples = _PATH_LOADERS[kind](path, split, skipped)
     return samples if limit is None else samples[:limit]

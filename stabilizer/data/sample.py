@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The question_type of a sample whose dataset gives none. Accuracy by type leaves such
+# samples out (they count in the overall "all" figure only), so "all" is never a row twice.
+NO_TYPE = "all"
+
 
 @dataclass(frozen=True)
 class VQASample:
@@ -21,7 +25,7 @@ class VQASample:
         choices: for multiple choice, the candidate target texts (``answer`` is one
             of them); ``None`` for open answers.
         question_type: a coarse type used to break accuracy down
-            (``"colour"``, ``"shape"``, ``"yes/no"``); ``"all"`` when unknown.
+            (``"colour"``, ``"shape"``, ``"yes/no"``); ``NO_TYPE`` (``"all"``) when unknown.
     """
 
     sample_id: str
@@ -30,5 +34,5 @@ class VQASample:
     prompt: str
     answer: str
     choices: tuple[str, ...] | None = None
-    question_type: str = "all"
+    question_type: str = NO_TYPE
     extra: dict = field(default_factory=dict, compare=False, hash=False)

@@ -83,7 +83,9 @@ def _sample_from_record(root: Path, pid: str, record: dict[str, Any], split: str
     )
 
 
-def load_scienceqa(root: Path | str, split: str = "train") -> list[VQASample]:
+def load_scienceqa(
+    root: Path | str, split: str = "train", *, skipped: list[BadSampleError] | None = None
+) -> list[VQASample]:
     """Load the records of ``split`` that have an image, in numeric pid order.
 
     >>> samples = load_scienceqa("data/scienceqa", "val")  # doctest: +SKIP
@@ -95,7 +97,9 @@ def load_scienceqa(root: Path | str, split: str = "train") -> list[VQASample]:
 
     ``question_type`` is the record's subject (``"natural science"``, ...). Raises
     ``ConfigError`` when problems.json is missing or the split has no record, and
-    ``BadSampleError`` naming the record when a kept record is malformed.
+    ``BadSampleError`` naming the record when a kept record is malformed; with
+    ``skipped`` (a list, for ``--on-bad-sample skip``) that error is appended to it
+    and the record left out.
     """
     root = Path(root)
     problems = read_problems(root)
@@ -107,12 +111,20 @@ def load_scienceqa(root: Path | str, split: str = "train") -> list[VQASample]:
             f"ScienceQA at {root} has no split {split!r}; "
             f"its splits are {', '.join(splits_present) or '(none)'}"
         )
-    samples = [
-        _sample_from_record(root, pid, record, split)
+    with_image = [
+        (pid, record)
         for pid, record in sorted(problems.items(), key=lambda item: _pid_order(item[0]))
         # About half of ScienceQA is text-only; a VQA model needs the picture.
         if isinstance(record, dict) and record.get("split") == split and record.get("image")
     ]
-    if not samples:
+    if not with_image:
         raise ConfigError(f"ScienceQA split {split!r} at {root} has no record with an image")
+    samples = []
+    for pid, record in with_image:
+        try:
+            samples.append(_sample_from_record(root, pid, record, split))
+        except BadSampleError as err:
+            if skipped is None:
+                raise
+            skipped.append(err)
     return samples
