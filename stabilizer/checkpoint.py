@@ -510,8 +510,9 @@ def _read_trainer_state(ckpt_dir: Path) -> dict:
     """``trainer_state.json``, checked for format and version."""
     if not ckpt_dir.is_dir():
         raise CheckpointError(
-            f"checkpoint folder {ckpt_dir} does not exist; use find_latest_checkpoint(run_dir) "
-            "or list_checkpoints(run_dir) to find one"
+            f"checkpoint folder {ckpt_dir} does not exist; a run's checkpoints are the "
+            "step-* folders in its checkpoints/ folder (without --checkpoint, eval and "
+            "predict take the latest complete one)"
         )
     state = _read_json(ckpt_dir, TRAINER_STATE)
     if state.get("format") != FORMAT_NAME or not isinstance(state.get("step"), int):
@@ -668,8 +669,8 @@ def _require_file(ckpt_dir: Path, name: str) -> Path:
     path = ckpt_dir / name
     if not path.is_file():
         raise CheckpointError(
-            f"checkpoint {ckpt_dir} lacks {name}; it is incomplete or damaged, use an older "
-            "one (list_checkpoints(run_dir))"
+            f"checkpoint {ckpt_dir} lacks {name}; it is incomplete or damaged: use an older "
+            f"one, another step-* folder beside it in {ckpt_dir.parent}"
         )
     return path
 

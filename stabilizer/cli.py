@@ -27,7 +27,7 @@ from stabilizer.config import (
     field_help,
 )
 from stabilizer.detector.policy import NumericalAnomalyError
-from stabilizer.errors import StabilizerError
+from stabilizer.errors import ConfigError, StabilizerError
 from stabilizer.models.lora import TARGET_SETS, LoraSettings
 from stabilizer.models.presets import PRESETS
 
@@ -43,7 +43,9 @@ class _OptionalFloat(click.ParamType):
     def convert(self, value, param, ctx):
         if value is None or isinstance(value, float):
             return value
-        if str(value).lower() in ("none", "off", "0"):
+        # One rule: "none" switches it off; 0 and negatives are refused by the config
+        # (a 0 that silently disabled clipping while -1 was an error was two rules).
+        if str(value).lower() in ("none", "off"):
             return None
         try:
             return float(value)
@@ -235,7 +237,14 @@ def _train_options(func):
             "--resume",
             is_flag=True,
             help="continue the run in --run-dir (default runs/latest) from its last checkpoint, "
-            "with its saved config; only --max-steps/--epochs may change",
+            "with its saved config; only --max-steps/--epochs may change (a new horizon "
+            "rebuilds the learning-rate schedule, and says so)",
+        ),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="start afresh in a run folder that already holds a run: its files are "
+            "deleted first",
         ),
         click.option("--trace", is_flag=True, help=_h("trace")),
         click.option(
@@ -370,7 +379,7 @@ _LORA_KEYS = {
 @main.command()
 @_train_options
 @click.pass_context
-def train(ctx: click.Context, resume: bool, **options) -> None:
+def train(ctx: click.Context, resume: bool, overwrite: bool, **options) -> None:
     """Train LoRA adapters on the Q-Former and evaluate them.
 
     With no options this runs the embedded default: the tiny InstructBLIP preset
@@ -393,6 +402,8 @@ def train(ctx: click.Context, resume: bool, **options) -> None:
         return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
 
     try:
+        if resume and overwrite:
+            raise ConfigError("--resume continues a run and --overwrite deletes it: pass one")
         if resume:
             run_dir = options["run_dir"] or Path("runs/latest")
             cfg = load_run_config(run_dir)
@@ -417,7 +428,7 @@ def train(ctx: click.Context, resume: bool, **options) -> None:
             cfg = TrainConfig.from_dict({**cfg.to_dict(), **changes})
         else:
             cfg = _new_config(ctx, options)
-        run_training(cfg, resume=resume, console=make_console())
+        run_training(cfg, resume=resume, overwrite=overwrite, console=make_console())
     except NumericalAnomalyError as err:
         # The diagnosis card was printed when it happened; end with where to look.
         click.secho(
@@ -434,7 +445,7 @@ def train(ctx: click.Context, resume: bool, **options) -> None:
 @main.command(name="check")
 @_train_options
 @click.pass_context
-def check_command(ctx: click.Context, resume: bool, **options) -> None:
+def check_command(ctx: click.Context, resume: bool, overwrite: bool, **options) -> None:
     """Predict the NaN before step 0: the preflight checks of `train`, without training.
 
     Takes the options of `train`, builds the same model, LoRA, optimizer, scaler and
@@ -452,8 +463,9 @@ def check_command(ctx: click.Context, resume: bool, **options) -> None:
     """
     from stabilizer.train import check as run_check
 
-    if resume:
-        _fail(StabilizerError("stabilizer check: --resume does not apply (nothing is trained)"))
+    if resume or overwrite:
+        flag = "--resume" if resume else "--overwrite"
+        _fail(StabilizerError(f"stabilizer check: {flag} does not apply (nothing is trained)"))
 
     try:
         report = run_check(_new_config(ctx, options), console=make_console())
@@ -514,6 +526,8 @@ def inspect(model: str, rank: int, lora_targets: str | None) -> None:
 @click.option("--device", type=click.Choice(DEVICES), default=None)
 def eval_command(run_dir, checkpoint, split, max_samples, images, device) -> None:
     """Score a run's checkpoint: accuracy by question type, with real, blank and shuffled images."""
+    from rich.markup import escape
+
     from stabilizer.evaluate import IMAGE_MODES
     from stabilizer.inference import restore_run
     from stabilizer.train import accuracy_table, load_checked_samples, majority_baseline, run_eval
@@ -529,7 +543,10 @@ def eval_command(run_dir, checkpoint, split, max_samples, images, device) -> Non
         split = split or cfg.eval_split
         limit = max_samples if max_samples is not None else cfg.max_eval_samples
         samples, _ = load_checked_samples(cfg, split, limit, run.encoder, console)
-        console.print(f"scoring {len(samples):,} samples of '{split}' with {run.checkpoint}")
+        console.print(
+            f"scoring {len(samples):,} samples of '{escape(split)}' with "
+            f"{escape(str(run.checkpoint))}"
+        )
         results = run_eval(run.model, run.encoder, samples, cfg, run.device, run.plan, modes)
         train_samples, _ = load_checked_samples(
             cfg, cfg.train_split, cfg.max_train_samples, run.encoder, console
@@ -565,8 +582,13 @@ def predict(run_dir, image_path, question, choices, checkpoint, device) -> None:
     from stabilizer.inference import restore_run
 
     try:
-        run = restore_run(run_dir, checkpoint=checkpoint, device=device)
         options = tuple(c.strip() for c in choices.split(",")) if choices else None
+        if options is not None and not all(options):
+            raise ConfigError(
+                f"--choices {choices!r} has an empty choice; give non-empty answers separated "
+                "by commas, e.g. --choices red,blue"
+            )
+        run = restore_run(run_dir, checkpoint=checkpoint, device=device)
         if options is None and run.cfg.dataset in ("easy-vqa", "easy_vqa", "easyvqa"):
             # easy-vqa is a closed answer set, and the run was scored by ranking it.
             import easy_vqa
@@ -581,7 +603,8 @@ def predict(run_dir, image_path, question, choices, checkpoint, device) -> None:
             options[0] if options else "?",
             options,
         )
-        load_image(sample)  # a clear error for a missing or unreadable image
+        # A clear error for a missing or unreadable image, with advice predict can take.
+        load_image(sample, hint="Pass --image an image file that exists and opens (PNG, JPEG, ...)")
         if options:
             rows = [sample] * len(options)
             batch = run.encoder.train_batch(rows, answers=list(options))

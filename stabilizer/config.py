@@ -186,6 +186,8 @@ class TrainConfig:
             self.lora = LoraSettings(**self.lora)
         if self.run_dir is not None:
             self.run_dir = Path(self.run_dir)
+        if self.run_name is not None:
+            _check_run_name(self.run_name)
         _positive("--batch-size", self.batch_size)
         _positive("--grad-accum", self.grad_accum)
         _positive("--eval-batch-size", self.eval_batch_size)
@@ -216,7 +218,10 @@ class TrainConfig:
         if not self.adam_eps >= 0:
             raise ConfigError(f"--adam-eps must be >= 0, got {self.adam_eps}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
+            raise ConfigError(
+                f"--max-grad-norm must be positive, got {self.max_grad_norm:g}; "
+                "use --max-grad-norm none to train without clipping"
+            )
         _choice("--precision", self.precision, PRECISIONS)
         _choice("--adapter-dtype", self.adapter_dtype, ADAPTER_DTYPES)
         _choice("--schedule", self.schedule, SCHEDULES)
@@ -337,6 +342,23 @@ def field_help(cls: type, name: str) -> str:
         if f.name == name:
             return f.metadata.get("help", "")
     raise KeyError(name)
+
+
+def _check_run_name(name: str) -> None:
+    """A run name is one folder name under runs/: never a path that leaves it."""
+    bad = (
+        not name
+        or name in (".", "..", "latest")
+        or any(c in name for c in "/\\\0")
+        or name != name.strip()
+        or name.startswith(("-", "."))
+    )
+    if bad:
+        raise ConfigError(
+            f"--run-name {name!r}: a run name is one folder name under runs/ (letters, "
+            "digits, '-', '_'; no '/', no '..', not 'latest'); to put a run anywhere else "
+            "use --run-dir PATH"
+        )
 
 
 def _positive(option: str, value: int | float) -> None:

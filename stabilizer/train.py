@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -40,7 +41,7 @@ from stabilizer.checkpoint import (
 from stabilizer.config import TraceSettings, TrainConfig
 from stabilizer.data import check_samples, load_samples
 from stabilizer.data.collate import BatchEncoder
-from stabilizer.data.sample import VQASample
+from stabilizer.data.sample import NO_TYPE, VQASample
 from stabilizer.detector.policy import NumericalAnomalyError
 from stabilizer.detector.replay import RecordedStep, scale_of
 from stabilizer.distributed import RankGroup
@@ -58,8 +59,13 @@ from stabilizer.preflight import PreflightReport, gate, preflight
 from stabilizer.rundir import (
     EVAL_FILE,
     MetricsLog,
+    RunLock,
     choose_run_dir,
+    disk_full_error,
+    is_disk_full,
+    point_latest,
     prepare_run_dir,
+    truncate_metrics,
     write_json_atomic,
 )
 
@@ -136,11 +142,19 @@ def make_encoder(loaded: LoadedModel, cfg: TrainConfig) -> BatchEncoder:
 def load_checked_samples(
     cfg: TrainConfig, split: str, limit: int | None, encoder: BatchEncoder, console: Console
 ) -> tuple[list[VQASample], list[BadSampleError]]:
-    """Load a split, check images and text, and check that every answer leaves a label."""
-    samples = load_samples(cfg.dataset, split, limit=limit)
+    """Load a split, check images and text, and check that every answer leaves a label.
+
+    With ``--on-bad-sample skip`` a record is left out whichever check finds it bad
+    (reading the file, its image, its labels); all of them are returned and counted.
+    """
+    bad: list[BadSampleError] = []
+    skipped = bad if cfg.on_bad_sample == "skip" else None
+    samples = load_samples(cfg.dataset, split, limit=limit, skipped=skipped)
     if not samples:
-        raise ConfigError(f"--dataset {cfg.dataset}: split '{split}' has no usable sample")
-    good, bad = check_samples(samples, cfg.on_bad_sample)
+        first = f" (all {len(bad)} skipped as bad; first: {bad[0]})" if bad else ""
+        raise ConfigError(f"--dataset {cfg.dataset}: split '{split}' has no usable sample{first}")
+    good, bad_checked = check_samples(samples, cfg.on_bad_sample)
+    bad += bad_checked
     kept = []
     for sample in good:
         try:
@@ -153,8 +167,8 @@ def load_checked_samples(
         kept.append(sample)
     if bad:
         console.print(
-            f"[yellow]skipped {len(bad)} bad sample(s) of split '{split}' "
-            f"(--on-bad-sample skip); first: {bad[0]}[/yellow]"
+            f"[yellow]skipped {len(bad)} bad sample(s) of split '{escape(split)}' "
+            f"(--on-bad-sample skip); first: {escape(str(bad[0]))}[/yellow]"
         )
     return kept, bad
 
@@ -229,6 +243,23 @@ def batches_of(
     return epoch, batches
 
 
+def _rebuild_schedule(optimizer, scheduler) -> float:
+    """The schedule of a resumed run whose horizon changed: its step count is kept,
+    the rates are those of the new horizon at that step (the restored ones belong to
+    the old one: a finished cosine would start the extension at lr 0)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return optimizer.param_groups[0]["lr"]
+    rates = [
+        base * fn(scheduler.last_epoch)
+        for base, fn in zip(scheduler.base_lrs, lambdas, strict=True)
+    ]
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+    return rates[0]
+
+
 def _resume_repaired(model, plan: PrecisionPlan, repaired: dict, log: Console) -> PrecisionPlan:
     """Put a resumed run back where its upcast repair left it: trainable tensors in
     fp32 before the optimizer is built (the checkpoint's fp32 values then load without
@@ -292,7 +323,7 @@ def check(cfg: TrainConfig, *, console: Console | None = None) -> PreflightRepor
         batches=batches_of(cfg, order, encoder, samples, 0)[1],
         allowed=allowed_components(cfg.lora),
     )
-    console.print(report.table(title=f"Preflight of {cfg.model} (no step run)"))
+    console.print(report.table(title=f"Preflight of {escape(cfg.model)} (no step run)"))
     return report
 
 
@@ -308,7 +339,8 @@ def majority_baseline(train: Sequence[VQASample], test: Sequence[VQASample]) -> 
         return {}
     answer = Counter(s.answer for s in train).most_common(1)[0][0]
     out = {"all": sum(s.answer == answer for s in test) / len(test)}
-    for qtype in sorted({s.question_type for s in test}):
+    # Untyped samples are in "all" only, as in EvalResult.by_type (and must not overwrite it).
+    for qtype in sorted({s.question_type for s in test} - {NO_TYPE}):
         rows = [s for s in test if s.question_type == qtype]
         out[qtype] = sum(s.answer == answer for s in rows) / len(rows)
     return out
@@ -361,8 +393,18 @@ def train_step(
     return step_loss, grad_norm.detach()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+) -> TrainResult:
     """Run training as ``cfg`` says; returns the run folder, losses and the final evaluation.
+
+    ``resume`` continues the run folder from its last checkpoint; ``overwrite`` deletes
+    a previous run's files in it and starts afresh. One process trains a folder at a
+    time (an exclusive lock, released when the process ends, even by kill -9).
 
     Under ``torchrun`` every rank calls this; rank 0 writes the run folder's shared files
     (config, metrics, checkpoints, evaluation, report) and each rank its own trace store.
@@ -371,7 +413,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
     device = resolve_device(cfg.device)
     ranks = RankGroup.start(device.type)
     try:
-        return _train(cfg, resume=resume, console=console, device=device, ranks=ranks)
+        run_dir = choose_run_dir(cfg)
+        if ranks is not None:
+            run_dir = Path(ranks.broadcast_text(str(run_dir)))  # one timestamp for every rank
+        held: list[RunLock] = []
+        _on_main(ranks, lambda: held.append(RunLock(run_dir).acquire()), "lock the run folder")
+        try:
+            return _train(
+                cfg,
+                run_dir,
+                resume=resume,
+                overwrite=overwrite,
+                console=console,
+                device=device,
+                ranks=ranks,
+            )
+        finally:
+            for lock in held:
+                lock.release()
     finally:
         if ranks is not None:
             ranks.close()
@@ -379,8 +438,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
 
 def _train(
     cfg: TrainConfig,
+    run_dir: Path,
     *,
     resume: bool,
+    overwrite: bool,
     console: Console,
     device: torch.device,
     ranks: RankGroup | None,
@@ -393,12 +454,17 @@ def _train(
     # The other ranks stay quiet: rank 0 speaks for the run (anomalies speak for themselves).
     log = console if main else Console(quiet=True)
     plan = plan_precision(cfg.precision, cfg.adapter_dtype)
-    run_dir = choose_run_dir(cfg)
-    if ranks is not None:
-        run_dir = Path(ranks.broadcast_text(str(run_dir)))  # one timestamp for every rank
     if resume and find_latest_checkpoint(run_dir) is None:
-        raise ConfigError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-    _on_main(ranks, lambda: prepare_run_dir(run_dir, cfg, resume=resume), "prepare the run folder")
+        raise ConfigError(
+            f"--resume: {run_dir} has no complete checkpoint to resume from (the run stopped "
+            "before its first one): start it afresh with --overwrite (its files are "
+            "deleted), or remove the folder"
+        )
+    _on_main(
+        ranks,
+        lambda: prepare_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite),
+        "prepare the run folder",
+    )
     seed_everything(cfg.seed)
     if cfg.reproduces_classic_failure:
         log.print(
@@ -408,7 +474,7 @@ def _train(
 
     # -- model ---------------------------------------------------------------
     loaded, model = build_model(cfg, plan, device)
-    log.print(parameter_table(model, title=f"Trainable parameters ({cfg.model})"))
+    log.print(parameter_table(model, title=f"Trainable parameters ({escape(cfg.model)})"))
     # ``model`` stays the plain peft model (probes, checkpoints, evaluation); the loop's
     # forward goes through ``forward_model``, DDP's wrapper when there are several ranks.
     forward_model = wrap_ddp(model, device, ranks) if ranks is not None else model
@@ -428,8 +494,8 @@ def _train(
     ranks_note = f" on each of {world} ranks" if world > 1 else ""
     log.print(
         f"data: {len(train_samples):,} train / {len(eval_samples):,} eval samples from "
-        f"{cfg.dataset}; {total_steps:,} steps of {cfg.batch_size}x{cfg.grad_accum}{ranks_note}; "
-        f"run folder {run_dir}"
+        f"{escape(cfg.dataset)}; {total_steps:,} steps of {cfg.batch_size}x{cfg.grad_accum}"
+        f"{ranks_note}; run folder {escape(str(run_dir))}"
     )
 
     # -- optimisation ----------------------------------------------------------
@@ -453,7 +519,24 @@ def _train(
             ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
         )
         start_step = int(state["step"])
-        log.print(f"resumed from {ckpt} at step {start_step}")
+        if total_steps < start_step:
+            raise ConfigError(
+                f"--resume --max-steps {total_steps}: the checkpoint {ckpt.name} is already "
+                f"at step {start_step}; pass a --max-steps above it to train further (a "
+                "checkpoint is never rewound)"
+            )
+        log.print(f"resumed from {escape(str(ckpt))} at step {start_step}")
+        planned = state["extra"].get("total_steps")
+        if isinstance(planned, int) and planned != total_steps:
+            lr = _rebuild_schedule(optimizer, scheduler)
+            log.print(
+                f"[yellow]resume: the run was planned for {planned:,} steps and now runs "
+                f"{total_steps:,}: the learning-rate schedule is rebuilt for {total_steps:,} "
+                f"steps from step {start_step} (lr now {lr:.3g}); the result differs from "
+                f"an uninterrupted {total_steps:,}-step run[/]"
+            )
+        if main:
+            truncate_metrics(run_dir, start_step, total_steps)  # the lines this run redoes
 
     # The first step's batches, built once: the preflight reads them, step one trains on them.
     first_batches = batches_of(cfg, order, encoder, train_samples, start_step, rank)
@@ -496,7 +579,7 @@ def _train(
         stores = f"{session.store.path}" + (" (and one per rank)" if world > 1 else "")
         log.print(
             f"tracing {len(session.tracer.modules)} modules and {len(session.tracer.params)} "
-            f"trainable tensors into {stores} (full statistics every {cfg.trace_every} "
+            f"trainable tensors into {escape(stores)} (full statistics every {cfg.trace_every} "
             f"step(s); on anomaly: {cfg.on_anomaly})"
         )
     metrics = MetricsLog(run_dir / "metrics.jsonl") if main else None
@@ -550,6 +633,9 @@ def _train(
         pending_lr.clear()
 
     def checkpoint(step: int) -> None:
+        # The steps a checkpoint holds have their metrics on disk before it counts.
+        flush_pending(step - 1)
+
         def save() -> None:
             result.last_checkpoint = save_checkpoint(
                 run_dir,
@@ -581,6 +667,8 @@ def _train(
         _on_main(ranks, run, "evaluate")
         return out
 
+    if main:
+        point_latest(run_dir)  # set up without error: runs/latest is this run from now on
     forward_model.train()
     interactive = log.is_terminal
     progress = Progress(
@@ -689,7 +777,12 @@ def _train(
     except BaseException as exc:
         # Nothing logged is lost on a crash or Ctrl-C: write what is pending first. No
         # collective here: the other ranks may not be failing with this one.
-        flush_pending(start_step + len(result.losses) + len(pending_loss) - 1, collective=False)
+        full = is_disk_full(exc)
+        try:
+            flush_pending(start_step + len(result.losses) + len(pending_loss) - 1, collective=False)
+        except OSError:
+            if not full:
+                raise
         if metrics is not None:
             metrics.close()
         if session is not None:
@@ -702,6 +795,8 @@ def _train(
                 _write_report(run_dir, log)  # also when stopped on an anomaly or crashed
             if ranks is not None and isinstance(exc, NumericalAnomalyError):
                 ranks.barrier()
+        if full:
+            raise disk_full_error(run_dir, find_latest_checkpoint(run_dir)) from exc
         raise
     if session is not None:
         result.trace = session.summary
@@ -709,7 +804,7 @@ def _train(
     elapsed = time.perf_counter() - started
     log.print(
         f"trained {total_steps - start_step} steps in {elapsed:.1f} s; "
-        f"final checkpoint {result.last_checkpoint}"
+        f"final checkpoint {escape(str(result.last_checkpoint))}"
     )
 
     # -- final evaluation -----------------------------------------------------------
@@ -789,9 +884,11 @@ def _write_report(run_dir: Path, console: Console) -> None:
 
         page = write_report(run_dir)
     except Exception as exc:  # noqa: BLE001 - reported, not raised
-        console.print(f"[yellow]could not write the report: {type(exc).__name__}: {exc}[/]")
+        console.print(
+            f"[yellow]could not write the report: {type(exc).__name__}: {escape(str(exc))}[/]"
+        )
         return
-    console.print(f"report: {page}")
+    console.print(f"report: {escape(str(page))}")
 
 
 def _due(cfg: TrainConfig, done: int, order: DataOrder) -> bool:
@@ -829,7 +926,8 @@ def accuracy_table(results: dict[str, EvalResult], baseline: dict[str, float]) -
         table.add_column("majority answer", justify="right")
     first = results[columns[0]]
     for qtype in [*first.by_type, "all"]:
-        row = [qtype if qtype != "all" else "[bold]all[/]"]
+        # Types are data: a "[/]" in one would be read as rich markup and crash the table.
+        row = [escape(qtype) if qtype != "all" else "[bold]all[/]"]
         for mode in columns:
             res = results[mode]
             value = res.accuracy if qtype == "all" else res.by_type.get(qtype, math.nan)

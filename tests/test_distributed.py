@@ -191,7 +191,7 @@ def test_an_error_on_rank_0_stops_the_other_ranks_instead_of_hanging(tmp_path):
     (run_dir / "config.json").write_text("{}")  # the folder already holds a run
     proc = torchrun(run_dir, "--batch-size", "4")
     assert proc.returncode != 0
-    assert "already holds a run" in proc.stderr
+    assert "holds a run that stopped before its first checkpoint" in proc.stderr
     assert "rank 0 failed to prepare the run folder" in proc.stderr
 
 
