@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,6 +282,13 @@ class TrainConfig:
             raise ConfigError(
                 f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
+        _check_types(cls, data, source)
+        lora = data.get("lora")
+        if isinstance(lora, dict):
+            lora_known = {f.name for f in dataclasses.fields(LoraSettings)}
+            if extra := sorted(set(lora) - lora_known):
+                raise ConfigError(f"{source}: unknown field(s) lora.{', lora.'.join(extra)}")
+            _check_types(LoraSettings, lora, source, prefix="lora.")
         return cls(**data)
 
     @classmethod
@@ -342,6 +351,47 @@ def field_help(cls: type, name: str) -> str:
         if f.name == name:
             return f.metadata.get("help", "")
     raise KeyError(name)
+
+
+def _check_types(cls, data: dict[str, Any], source: str, *, prefix: str = "") -> None:
+    """Every value of a config read from a file has its field's type: a config.json
+    from elsewhere saying "lr": "x" is named here, not met as a TypeError mid-run."""
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        hint = hints.get(name)
+        if hint is not None and not _matches(value, hint):
+            raise ConfigError(
+                f"{source}: field '{prefix}{name}' must be {_describe(hint)}, got {value!r}; "
+                "fix the file, or start a new run instead of reusing it"
+            )
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is Path:
+        return isinstance(value, (str, Path))
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    return True  # anything else is checked by the field's own validation
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    names = {type(None): "null", bool: "true/false", int: "a whole number", float: "a number"}
+    names |= {str: "text", Path: "a path (text)"}
+    return names.get(hint, "an object" if dataclasses.is_dataclass(hint) else str(hint))
 
 
 def _check_run_name(name: str) -> None:

@@ -270,3 +270,28 @@ def test_no_message_gives_a_cli_user_a_python_call(tmp_path):
     assert result.exit_code != 0
     assert "(run_dir)" not in result.output and "Traceback" not in result.output
     assert "step-* folders in its checkpoints/ folder" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lr", "x", "field 'lr' must be a number, got 'x'"),
+        ("max_steps", 1.5, "field 'max_steps' must be a whole number or null, got 1.5"),
+        ("trace", "yes", "field 'trace' must be true/false, got 'yes'"),
+        ("lora", "x", "field 'lora' must be an object"),
+    ],
+)
+def test_a_tampered_config_json_names_the_field(tmp_path, field, value, message):
+    assert cli("--run-name", "done", cwd=tmp_path).exit_code == 0
+    config = tmp_path / "runs" / "done" / "config.json"
+    data = json.loads(config.read_text())
+    data[field] = value
+    config.write_text(json.dumps(data))
+    for args in (
+        ["eval", str(config.parent)],
+        ["train", "--resume", "--run-dir", str(config.parent)],
+    ):
+        result = CliRunner().invoke(main, args)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2, result.output
+        assert f"{config}: {message}" in text and "Traceback" not in result.output
