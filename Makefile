@@ -1,4 +1,5 @@
-# make demo   train the embedded default and show that the Q-Former learned to see
+# make demo   the classic fp16 failure named, caught and repaired; the default run traced,
+#             learning to see; where the reports are (scripts/demo.sh)
 # make test   lint, format check and the test suite
 # make bench  step time and memory vs a plain transformers+peft loop; tracing overhead
 # make report-check  render real report pages in headless Chromium, fail on console errors
@@ -31,7 +32,7 @@ endif
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/stabilizer train
+	VENV=$(VENV) bash scripts/demo.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
