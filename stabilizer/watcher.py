@@ -45,6 +45,12 @@ still advances); ``rollback`` restores the last good state and lowers the
 optimizer's learning rates (and ``scheduler.base_lrs`` when you pass
 ``scheduler=``); ``clip`` clamps a forward offender's output from then on, or
 clips the gradient norm right before each optimizer step; ``warn`` goes on.
+
+Under several processes (``accelerate launch``, or torchrun with your own
+``init_process_group``) the watch joins the process group it finds: each rank
+writes its own store into one run folder, every rank acts on the same step (one
+small collective per step, as under ``stabilizer train``), and rank 0 writes the
+report. What ``accelerator.prepare`` returns needs no unwrapping by you.
 """
 
 from __future__ import annotations
@@ -59,8 +65,10 @@ from rich.console import Console
 
 from stabilizer.config import PREFLIGHT_MODES, TraceSettings
 from stabilizer.data.collate import IGNORE_INDEX
+from stabilizer.detector.policy import NumericalAnomalyError
 from stabilizer.detector.replay import RecordedStep, loss_of
 from stabilizer.detector.session import SessionSummary, TraceSession, trainable_of
+from stabilizer.distributed import RankGroup, env_world
 from stabilizer.errors import ConfigError
 from stabilizer.preflight import PreflightReport, gate, preflight
 
@@ -125,11 +133,13 @@ class Watch:
         if self.scaler is not None and not self.scaler.is_enabled():
             self.scaler = None  # GradScaler(enabled=False) is a no-op: no scaler at all
         self.scheduler = scheduler
+        self._run_dir_given = run_dir is not None
         self.run_dir = (
             Path(run_dir)
             if run_dir is not None
             else Path("runs") / time.strftime("watch-%Y%m%d-%H%M%S")
         )
+        self.ranks: RankGroup | None = None
         self.report = report
         self.console = console
         self.session: TraceSession | None = None
@@ -164,7 +174,10 @@ class Watch:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(failing=exc is not None)
+        # A NumericalAnomalyError is a stop every rank agreed on (one collective per
+        # step): every rank is closing too. Any other error may be this rank's alone.
+        agreed = exc is None or isinstance(exc, NumericalAnomalyError)
+        self.close(failing=exc is not None, all_ranks=agreed)
 
     def start(self) -> Watch:
         if self.session is not None:
@@ -175,11 +188,15 @@ class Watch:
                 "stabilizer.watch: the optimizer holds no tensor that requires grad; pass "
                 "the optimizer your loop steps"
             )
+        self.ranks = _joined_ranks()
+        if self.ranks is not None and not self._run_dir_given:
+            # The default folder holds a timestamp: every rank writes into rank 0's.
+            self.run_dir = Path(self.ranks.broadcast_text(str(self.run_dir)))
         if self.preflight != "off":
             if self.console is None:
                 self.console = Console(stderr=True)
             self.preflight_report = preflight(self.model, self.optimizer, scaler=self.scaler)
-            gate(self.preflight_report, mode=self.preflight, console=self.console)
+            gate(self.preflight_report, mode=self.preflight, console=self._main_console())
         self.session = TraceSession(
             model=self.model,
             optimizer=self.optimizer,
@@ -190,6 +207,7 @@ class Watch:
             console=self.console,
             uses_grad_scaler=self.scaler is not None,
             meta=self._meta(trainable),
+            ranks=self.ranks,
         )
         self.console = self.session.console
         if self.preflight_report is not None:
@@ -209,16 +227,25 @@ class Watch:
                 module.register_forward_pre_hook(self._loss_pre, with_kwargs=True),
                 module.register_forward_hook(self._loss_post, with_kwargs=True),
             ]
-        self.console.print(
+        where = str(self.session.store.path)
+        if self.ranks is not None:
+            where += f" (and one per rank, {self.ranks.world_size} ranks)"
+        self._main_console().print(
             f"stabilizer: watching {len(tracer.modules)} modules and {len(trainable)} "
-            f"trainable tensors into {self.session.store.path} (full statistics every "
+            f"trainable tensors into {where} (full statistics every "
             f"{self.settings.trace_every} step(s); on anomaly: {self.settings.on_anomaly})"
         )
         self._reset_step()
         return self
 
-    def close(self, *, failing: bool = False) -> None:
-        """End the last step, remove every hook, close the store, write the report."""
+    def close(self, *, failing: bool = False, all_ranks: bool = True) -> None:
+        """End the last step, remove every hook, close the store, write the report.
+
+        Under several processes rank 0 writes the report, which merges every rank's
+        store. ``all_ranks``: every rank is closing now (the loop ended, or a stop all
+        agreed on), so they wait for each other around the report; a rank that failed
+        alone is not waited for: the others would never come.
+        """
         session = self.session
         if session is None:
             return
@@ -234,8 +261,16 @@ class Watch:
             if not failing:
                 session.store.set_meta(completed=True)
             session.close()
-            if self.report:
+            # Rank 0 reads every rank's store, so it waits until all are closed; the
+            # others wait for its report, since torchrun (under accelerate launch too)
+            # ends the whole job as soon as the first rank exits.
+            wait = all_ranks and self.ranks is not None
+            if wait:
+                self.ranks.barrier()
+            if self.report and session.rank == 0:
                 self._write_report()
+            if wait:
+                self.ranks.barrier()
 
     # -- the loss, the labels and the calls of a step ------------------------------------------
     def loss(self, loss: torch.Tensor, *, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -408,6 +443,12 @@ class Watch:
         )
 
     # -- the end --------------------------------------------------------------------------------
+    def _main_console(self) -> Console:
+        """The console for what every rank would say alike: rank 0's only."""
+        if self.ranks is not None and not self.ranks.is_main:
+            return Console(quiet=True)
+        return self.console
+
     def _write_report(self) -> None:
         from stabilizer.reports import write_report
 
@@ -487,6 +528,18 @@ def _unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     while isinstance(model, wrappers):
         model = model.module
     return model
+
+
+def _joined_ranks() -> RankGroup | None:
+    """The process group of a multi-process run (accelerate's, or the user's own under
+    torchrun), None in one process. The watch joins it and never owns or destroys it:
+    whoever initialised it (``Accelerator()``, ``init_process_group``) tears it down."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return None
+    _, _, local_rank = env_world()
+    return RankGroup(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=False)
 
 
 def _unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
