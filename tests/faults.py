@@ -203,6 +203,23 @@ def nan_pixels_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(BatchEncoder, "train_batch", train_batch)
 
 
+def interrupt_at_batch(monkeypatch, call: int) -> None:
+    """A KeyboardInterrupt (a Ctrl-C, or a kill the loop cannot see coming) while the
+    training loop builds its ``call``-th training batch (1-based); undo with
+    ``monkeypatch.undo()`` before resuming."""
+    real = BatchEncoder.train_batch
+    calls = {"n": 0}
+
+    def train_batch(self, samples, **kwargs):
+        if kwargs.get("pixel_values") is None:  # training batches, not the label checks
+            calls["n"] += 1
+            if calls["n"] == call:
+                raise KeyboardInterrupt("simulated kill")
+        return real(self, samples, **kwargs)
+
+    monkeypatch.setattr(BatchEncoder, "train_batch", train_batch)
+
+
 def keep_model(monkeypatch) -> dict:
     """Keep the model the loop builds (and a copy of its trainable tensors at build time)."""
     real = train_module.build_model

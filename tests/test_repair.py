@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
-from faults import keep_model, overflow_cross_attention
+from faults import interrupt_at_batch, keep_model, overflow_cross_attention
 from rich.console import Console
 from torch import nn
 
 import stabilizer
 from stabilizer.config import TrainConfig
-from stabilizer.data.collate import BatchEncoder
 from stabilizer.store import TraceStore
 from stabilizer.train import train
 
@@ -254,20 +253,10 @@ def test_a_repaired_run_resumes_as_it_trained_after_the_repair(tmp_path, monkeyp
 
     straight = train(config("straight"), console=quiet())
     # Killed while it builds step 4's batch, after the step-3 checkpoint.
-    real = BatchEncoder.train_batch
-    calls = {"n": 0}
-
-    def dying(self, samples, **kwargs):
-        if kwargs.get("pixel_values") is None:
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise KeyboardInterrupt
-        return real(self, samples, **kwargs)
-
-    monkeypatch.setattr(BatchEncoder, "train_batch", dying)
+    interrupt_at_batch(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train(config("killed"), console=quiet())
-    monkeypatch.setattr(BatchEncoder, "train_batch", real)
+    monkeypatch.undo()
     console = quiet()
     resumed = train(config("killed"), resume=True, console=console)
     # No second repair: the checkpoint's fp32 adapters, Adam state and GradScaler state

@@ -7,11 +7,11 @@ import math
 
 import pytest
 from data_fixtures import make_iconqa, make_jsonl, make_scienceqa
+from faults import interrupt_at_batch
 from rich.console import Console
 
 from stabilizer.checkpoint import list_checkpoints
 from stabilizer.config import TrainConfig
-from stabilizer.data.collate import BatchEncoder
 from stabilizer.errors import BadSampleError, ConfigError
 from stabilizer.rundir import read_metrics
 from stabilizer.train import train
@@ -34,21 +34,11 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     assert len(straight.losses) == 8 and all(math.isfinite(x) for x in straight.losses)
 
     # Kill the second run while it builds the batch of step 6 (after the step-4 checkpoint).
-    real_train_batch = BatchEncoder.train_batch
-    calls = {"n": 0}
-
-    def dying_train_batch(self, samples, **kwargs):
-        if kwargs.get("pixel_values") is None:  # training batches, not the label checks
-            calls["n"] += 1
-            if calls["n"] == 7:
-                raise KeyboardInterrupt("simulated kill")
-        return real_train_batch(self, samples, **kwargs)
-
     cfg = quick_config(tmp_path, run_dir=tmp_path / "resumed")
-    monkeypatch.setattr(BatchEncoder, "train_batch", dying_train_batch)
+    interrupt_at_batch(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, console=quiet())
-    monkeypatch.setattr(BatchEncoder, "train_batch", real_train_batch)
+    monkeypatch.undo()
 
     # The crash lost nothing that was logged, and the step-4 checkpoint is complete.
     logged = train_losses(cfg.run_dir)
@@ -231,21 +221,11 @@ def test_grad_accumulation_and_schedules_run(tmp_path):
 def test_traced_run_resumes_into_the_same_store(tmp_path, monkeypatch):
     from stabilizer.store import TraceStore
 
-    real_train_batch = BatchEncoder.train_batch
-    calls = {"n": 0}
-
-    def dying_train_batch(self, samples, **kwargs):
-        if kwargs.get("pixel_values") is None:
-            calls["n"] += 1
-            if calls["n"] == 7:
-                raise KeyboardInterrupt("simulated kill")
-        return real_train_batch(self, samples, **kwargs)
-
     cfg = quick_config(tmp_path, trace=True, trace_every=2)
-    monkeypatch.setattr(BatchEncoder, "train_batch", dying_train_batch)
+    interrupt_at_batch(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, console=quiet())
-    monkeypatch.setattr(BatchEncoder, "train_batch", real_train_batch)
+    monkeypatch.undo()
     with TraceStore.open(cfg.run_dir / "trace.db") as store:
         assert list(store.steps()["step"]) == [0, 1, 2, 3, 4, 5]  # committed before the kill
 
