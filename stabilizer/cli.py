@@ -307,6 +307,7 @@ def _train_options(func):
             "--replay/--no-replay", default=d.replay, show_default=True, help=_h("replay")
         ),
         click.option("--tensorboard", is_flag=True, default=False, help=_h("tensorboard")),
+        click.option("--wandb", is_flag=True, default=False, help=_h("wandb")),
     ]
     for option in reversed(options):
         func = option(func)
@@ -644,7 +645,14 @@ def predict(run_dir, image_path, question, choices, checkpoint, device) -> None:
     default=None,
     help="export the event files here instead (implies --tensorboard)",
 )
-def report(run_dir: Path, tensorboard: bool, tensorboard_dir: Path | None) -> None:
+@click.option(
+    "--wandb",
+    "wandb",
+    is_flag=True,
+    help="also export each rank's trace as a W&B run in RUN_DIR/wandb, offline unless "
+    "WANDB_MODE is set (pip install 'stabilizer[wandb]')",
+)
+def report(run_dir: Path, tensorboard: bool, tensorboard_dir: Path | None, wandb: bool) -> None:
     """Write RUN_DIR/report.html and its PNG plots from the run's trace store(s).
 
     Runs automatically at the end of `train --trace`, and when training stops on
@@ -656,6 +664,7 @@ def report(run_dir: Path, tensorboard: bool, tensorboard_dir: Path | None) -> No
     Examples:
       stabilizer report runs/latest
       stabilizer report runs/ddp --tensorboard && tensorboard --logdir runs/ddp/tensorboard
+      stabilizer report runs/latest --wandb && wandb sync runs/latest/wandb/offline-run-*
     """
     from stabilizer.reports import write_report
 
@@ -668,6 +677,11 @@ def report(run_dir: Path, tensorboard: bool, tensorboard_dir: Path | None) -> No
             option = "--tensorboard-dir" if tensorboard_dir is not None else "--tensorboard"
             log_dir = export_tensorboard(run_dir, tensorboard_dir, option=option)
             click.echo(f"wrote TensorBoard event files to {log_dir}")
+        if wandb:
+            from stabilizer.reports.wandb_sink import export_wandb
+
+            for folder in export_wandb(run_dir, option="--wandb"):
+                click.echo(f"wrote W&B run {folder}")
     except StabilizerError as err:
         _fail(err)
 

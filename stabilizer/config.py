@@ -178,6 +178,13 @@ class TrainConfig:
             "(pip install 'stabilizer[tensorboard]')"
         ),
     )
+    wandb: bool = field(
+        default=False,
+        metadata=_help(
+            "with --trace: also log the trace to Weights & Biases in <run>/wandb, offline "
+            "unless WANDB_MODE is set (pip install 'stabilizer[wandb]')"
+        ),
+    )
     blank_and_shuffled_eval: bool = field(
         default=True,
         metadata=_help("also evaluate with blank and shuffled images, to show the image is used"),
@@ -235,6 +242,11 @@ class TrainConfig:
             raise ConfigError(
                 "--tensorboard exports the trace's statistics: add --trace (or export a "
                 "traced run later with stabilizer report RUN_DIR --tensorboard)"
+            )
+        if self.wandb and not self.trace:
+            raise ConfigError(
+                "--wandb logs the trace's statistics: add --trace (or export a "
+                "traced run later with stabilizer report RUN_DIR --wandb)"
             )
 
     @classmethod
@@ -325,6 +337,7 @@ class TraceSettings:
     adam_eps: float | None = None  # the optimizer's eps, for the fp16 "eps rounds to 0" cause
     max_grad_norm: float | None = None  # the clip the loop applies (the clip policy lowers it)
     tensorboard: bool = False  # also write TensorBoard event files beside the store
+    wandb: bool = False  # also log to a W&B run (offline unless WANDB_MODE) in the run folder
 
     def __post_init__(self) -> None:
         _check_trace_options(self)

@@ -194,7 +194,8 @@ class TraceSession:
         self._clean_since_good = 0
         self.max_grad_norm = settings.max_grad_norm
         self._rng_before: torch.Tensor | None = None
-        self.sink = self._open_tensorboard() if settings.tensorboard else None
+        # TensorBoard and W&B get the same rows, in the order the store gets them.
+        self.sinks = self._open_sinks(settings)
 
     def _open_store(self, meta: dict, resume_from: int | None) -> TraceStore:
         path = store_path(self.run_dir, self.rank)
@@ -399,14 +400,14 @@ class TraceSession:
         self.store.append_step(data, replace=redone)
         if redone:
             self._redo_step = None
-        if self.sink is not None:
-            self.sink.write_step(data)
+        for sink in self.sinks:
+            sink.write_step(data)
 
     def _append_anomaly(self, anomaly: Anomaly) -> None:
         row = _anomaly_row(anomaly, self.store)
         self.store.append_anomaly(**row)
-        if self.sink is not None:
-            self.sink.write_anomaly({**row, "pass": row["pass_"]})
+        for sink in self.sinks:
+            sink.write_anomaly({**row, "pass": row["pass_"]})
 
     def _is_amp_skip(self, anomaly: Anomaly, record: StepRecord) -> bool:
         if not (self.uses_grad_scaler and anomaly.pass_ == "backward"):
@@ -646,8 +647,8 @@ class TraceSession:
 
     def _log_action(self, step: int, action: str, detail: str) -> None:
         self.store.append_action(step=step, action=action, detail=detail)
-        if self.sink is not None:
-            self.sink.write_action({"step": step, "action": action, "detail": detail})
+        for sink in self.sinks:
+            sink.write_action({"step": step, "action": action, "detail": detail})
 
     def _replay(
         self, anomaly: Anomaly, record: StepRecord, recorded: RecordedStep | None
@@ -711,14 +712,34 @@ class TraceSession:
         self._repairs.clear()
         self.tracer.close()
         self.store.close()
-        if self.sink is not None:
-            self.sink.close()
+        for sink in self.sinks:
+            sink.close()
 
-    def _open_tensorboard(self):
-        from stabilizer.reports.tensorboard import TensorBoardSink
+    def _open_sinks(self, settings: TraceSettings) -> list:
+        sinks = []
+        if settings.tensorboard:
+            from stabilizer.reports.tensorboard import TensorBoardSink
 
-        log_dir = self.run_dir / "tensorboard" / f"rank{self.rank}"
-        return TensorBoardSink(log_dir, self.store.modules(), self.store.params())
+            log_dir = self.run_dir / "tensorboard" / f"rank{self.rank}"
+            sinks.append(TensorBoardSink(log_dir, self.store.modules(), self.store.params()))
+        if settings.wandb:
+            from stabilizer.reports.wandb_sink import WandbSink
+
+            try:
+                sinks.append(
+                    WandbSink(
+                        self.run_dir,
+                        self.rank,
+                        self.store.modules(),
+                        self.store.params(),
+                        config=self.store.meta().get("config"),
+                    )
+                )
+            except BaseException:
+                for sink in sinks:  # the TensorBoard writer opened before: close it
+                    sink.close()
+                raise
+        return sinks
 
 
 def _plain(text: str) -> str:

@@ -126,6 +126,8 @@ class StabilizerCallback(TrainerCallback):
         max_anomalies: stop with the diagnosis after this many anomalies.
         rollback_lr_factor: learning-rate factor of the rollback policy.
         tensorboard: also write TensorBoard event files beside the store.
+        wandb: also log the trace to a W&B run in the run folder (offline unless
+            ``WANDB_MODE`` is set; ``pip install 'stabilizer[wandb]'``).
         report: write ``report.html`` when training ends or stops.
         preflight: ``stop`` (default), ``warn`` or ``off``: the checks of
             ``stabilizer check`` on the model, optimizer and scaler at
@@ -148,6 +150,7 @@ class StabilizerCallback(TrainerCallback):
         max_repairs: int = 5,
         rollback_lr_factor: float = 0.5,
         tensorboard: bool = False,
+        wandb: bool = False,
         report: bool = True,
         preflight: str = "stop",
         console=None,
@@ -170,6 +173,7 @@ class StabilizerCallback(TrainerCallback):
                 max_repairs=max_repairs,
                 rollback_lr_factor=rollback_lr_factor,
                 tensorboard=tensorboard,
+                wandb=wandb,
             )
             if probe is not None:
                 re.compile(probe)

@@ -149,43 +149,48 @@ def markdown_text(text: Any) -> str:
 # ---------------------------------------------------------------------- the sink
 
 
-class TensorBoardSink:
-    """Writes one rank's steps, anomalies and actions as TensorBoard events.
+class TraceSink:
+    """What one rank's steps, anomalies and actions become: the tags, values and texts.
 
-    ``log_dir`` is that rank's run folder (e.g. ``run_dir/tensorboard/rank0``);
-    ``modules`` and ``params`` are what the store registered (``store.modules()``,
-    ``store.params()``). Call the ``write_*`` methods in step order, an anomaly or action
-    before the ``write_step`` of its step (the order the session appends them to the
-    store): TensorBoard drops points it reads after a later step as left over from a
-    restart (which also makes a resumed run's re-written steps replace the old ones).
-    The counts in ``anomaly/`` start from what this sink has seen: after a resume, export
-    the run for exact totals. The writer is imported here, so a missing extra fails
-    before training starts.
-
-    Example::
-
-        with TensorBoardSink(log_dir, store.modules(), store.params()) as tb:
-            tb.write_step(store.read_step(0))
+    Backend-neutral: a subclass says how a scalar and a text reach its backend
+    (``_add_scalar``, ``_add_text``, ``_flush``, ``_close``), so TensorBoard and W&B get
+    the same tags and the same values from one computation. ``_escape``, ``_strong`` and
+    ``_code`` format the texts (Markdown for TensorBoard; W&B shows plain strings).
+    Call the ``write_*`` methods in step order, an anomaly or action before the
+    ``write_step`` of its step (the order the session appends them to the store).
     """
 
-    def __init__(
-        self,
-        log_dir: Path,
-        modules: Sequence[ModuleInfo],
-        params: Sequence[ParamInfo],
-        *,
-        option: str = "--tensorboard",
-    ) -> None:
-        writer_class = load_summary_writer(option)
-        self.log_dir = Path(log_dir)
+    def __init__(self, modules: Sequence[ModuleInfo], params: Sequence[ParamInfo]) -> None:
         self.modules = {m.id: m for m in modules}
         self._groups = _module_groups(modules)
         self._attention_groups = _module_groups([m for m in modules if m.is_attention])
         self._lora_groups = _lora_groups(self.modules, params, [t for t, _ in self._groups])
         self._anomaly_steps: list[int] = []
         self._warning_steps: list[int] = []
-        self._writer = writer_class(log_dir=str(self.log_dir))
         self._closed = False
+
+    # -- the backend (subclasses) ----------------------------------------------------
+
+    def _add_scalar(self, tag: str, value: float, step: int, wall: float) -> None:
+        raise NotImplementedError
+
+    def _add_text(self, tag: str, text: str, step: int, wall: float) -> None:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def _escape(self, text: Any) -> str:
+        return markdown_text(text)
+
+    def _strong(self, text: str) -> str:
+        return f"**{text}**"
+
+    def _code(self, text: str) -> str:
+        return f"`{text}`"
 
     # -- per step --------------------------------------------------------------------
 
@@ -208,8 +213,9 @@ class TensorBoardSink:
             self._write_module_curves(data, scalar)
         if data.status != "ok":
             meaning = STATUS_STYLE.get(data.status, ("", data.status))[1]
-            text = f"step {step}: **{markdown_text(meaning)}** (status `{data.status}`)"
-            self._writer.add_text(STATUS_TEXT, text, global_step=step, walltime=wall)
+            status = self._code(data.status)
+            text = f"step {step}: {self._strong(self._escape(meaning))} (status {status})"
+            self._add_text(STATUS_TEXT, text, step, wall)
 
     def _write_module_curves(self, data: StepData, scalar: _Scalar) -> None:
         for prefix, site, stat in MODULE_CURVES:
@@ -245,33 +251,49 @@ class TensorBoardSink:
         warning = not hard_anomalies([row])
         (self._warning_steps if warning else self._anomaly_steps).append(step)
         number = len(self._warning_steps if warning else self._anomaly_steps)
-        text = _anomaly_markdown(
-            row, self.modules, "early warning" if warning else "anomaly", number
-        )
-        wall = _wall_time(row.get("created"))
-        self._writer.add_text(ANOMALY_TEXT, text, global_step=step, walltime=wall)
+        text = self._anomaly_card(row, "early warning" if warning else "anomaly", number)
+        self._add_text(ANOMALY_TEXT, text, step, _wall_time(row.get("created")))
         # An anomaly often precedes a crash: get it to disk now, not at the next flush.
-        self._writer.flush()
+        self._flush()
 
     def write_action(self, row: dict) -> None:
         """Write one policy action (a ``store.actions()`` row) as text at its step."""
         step = int(row["step"])
-        text = f"**{markdown_text(row['action'])}** at step {step}: {markdown_text(row['detail'])}"
-        wall = _wall_time(row.get("created"))
-        self._writer.add_text(ACTION_TEXT, text, global_step=step, walltime=wall)
+        action, detail = self._escape(row["action"]), self._escape(row["detail"])
+        text = f"{self._strong(action)} at step {step}: {detail}"
+        self._add_text(ACTION_TEXT, text, step, _wall_time(row.get("created")))
+
+    def _anomaly_card(self, row: dict, kind: str, number: int) -> str:
+        """A short card: what, where, why, and what to do."""
+        escape = self._escape
+        pass_ = row.get("pass", row.get("pass_"))
+        module = self.modules.get(row["module_id"]) if row.get("module_id") is not None else None
+        offender = escape(module.label) if module else "none named"
+        if row.get("op"):
+            offender += f" (op {escape(row['op'])})"
+        title = self._strong(f"{kind} {number}")
+        lines = [
+            f"{title} at step {int(row['step'])}, {escape(pass_)} pass",
+            "",
+            f"- cause: {escape(row.get('cause'))}",
+            f"- first offender: {offender}",
+            f"- summary: {escape(row.get('summary'))}",
+            f"- fix: {escape(row.get('fix'))}",
+        ]
+        return "\n".join(lines)
 
     # -- lifetime --------------------------------------------------------------------
 
     def flush(self) -> None:
-        self._writer.flush()
+        self._flush()
 
     def close(self) -> None:
-        """Flush and close the event file; closing twice is harmless."""
+        """Flush and close the backend's files; closing twice is harmless."""
         if not self._closed:
             self._closed = True
-            self._writer.close()
+            self._close()
 
-    def __enter__(self) -> TensorBoardSink:
+    def __enter__(self) -> TraceSink:
         return self
 
     def __exit__(
@@ -289,9 +311,54 @@ class TensorBoardSink:
             value = float(value)
             if skip_nan and math.isnan(value):
                 return  # nothing recorded for this group at this step: no point, not NaN
-            self._writer.add_scalar(tag, value, global_step=step, walltime=wall)
+            self._add_scalar(tag, value, step, wall)
 
         return scalar
+
+
+class TensorBoardSink(TraceSink):
+    """Writes one rank's steps, anomalies and actions as TensorBoard events.
+
+    ``log_dir`` is that rank's run folder (e.g. ``run_dir/tensorboard/rank0``);
+    ``modules`` and ``params`` are what the store registered (``store.modules()``,
+    ``store.params()``). Call the ``write_*`` methods in step order, an anomaly or action
+    before the ``write_step`` of its step (the order the session appends them to the
+    store): TensorBoard drops points it reads after a later step as left over from a
+    restart (which also makes a resumed run's re-written steps replace the old ones).
+    The counts in ``anomaly/`` start from what this sink has seen: after a resume, export
+    the run for exact totals. The writer is imported here, so a missing extra fails
+    before training starts.
+
+    Example::
+
+        with TensorBoardSink(log_dir, store.modules(), store.params()) as tb:
+            tb.write_step(store.read_step(0))
+    """
+
+    def __init__(
+        self,
+        log_dir: Path,
+        modules: Sequence[ModuleInfo],
+        params: Sequence[ParamInfo],
+        *,
+        option: str = "--tensorboard",
+    ) -> None:
+        writer_class = load_summary_writer(option)
+        super().__init__(modules, params)
+        self.log_dir = Path(log_dir)
+        self._writer = writer_class(log_dir=str(self.log_dir))
+
+    def _add_scalar(self, tag: str, value: float, step: int, wall: float) -> None:
+        self._writer.add_scalar(tag, value, global_step=step, walltime=wall)
+
+    def _add_text(self, tag: str, text: str, step: int, wall: float) -> None:
+        self._writer.add_text(tag, text, global_step=step, walltime=wall)
+
+    def _flush(self) -> None:
+        self._writer.flush()
+
+    def _close(self) -> None:
+        self._writer.close()
 
 
 # ---------------------------------------------------------------------- export
@@ -327,26 +394,30 @@ def export_tensorboard(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         for rank, path in stores:
-            with TraceStore.open(path) as store:
-                _export_store(store, staging / f"rank{rank}", option)
+            with (
+                TraceStore.open(path) as store,
+                TensorBoardSink(
+                    staging / f"rank{rank}", store.modules(), store.params(), option=option
+                ) as sink,
+            ):
+                feed_store(store, sink)
         _swap_in(staging, log_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return log_dir
 
 
-def _export_store(store: TraceStore, log_dir: Path, option: str) -> None:
-    """Feed one store through a sink in the order training wrote it."""
+def feed_store(store: TraceStore, sink: TraceSink) -> None:
+    """Feed one store through a sink in the order training wrote it (any backend)."""
     events = _events_in_order(store)
     done = 0
-    with TensorBoardSink(log_dir, store.modules(), store.params(), option=option) as sink:
-        for step in store.steps()["step"].tolist():
-            while done < len(events) and events[done][0] <= step:
-                _write_event(sink, events[done])
-                done += 1
-            sink.write_step(store.read_step(step))
-        for event in events[done:]:  # e.g. of a step a crash kept from being recorded
-            _write_event(sink, event)
+    for step in store.steps()["step"].tolist():
+        while done < len(events) and events[done][0] <= step:
+            _write_event(sink, events[done])
+            done += 1
+        sink.write_step(store.read_step(step))
+    for event in events[done:]:  # e.g. of a step a crash kept from being recorded
+        _write_event(sink, event)
 
 
 def _events_in_order(store: TraceStore) -> list[tuple[int, float, str, dict]]:
@@ -356,7 +427,7 @@ def _events_in_order(store: TraceStore) -> list[tuple[int, float, str, dict]]:
     return sorted(rows, key=lambda r: (r[0], r[1]))
 
 
-def _write_event(sink: TensorBoardSink, event: tuple[int, float, str, dict]) -> None:
+def _write_event(sink: TraceSink, event: tuple[int, float, str, dict]) -> None:
     _, _, kind, row = event
     if kind == "anomaly":
         sink.write_anomaly(row)
@@ -450,21 +521,3 @@ def _wall_time(value: float | None) -> float:
     if value is None or not math.isfinite(value):
         return time.time()
     return float(value)
-
-
-def _anomaly_markdown(row: dict, modules: dict[int, ModuleInfo], kind: str, number: int) -> str:
-    """A short Markdown card: what, where, why, and what to do."""
-    pass_ = row.get("pass", row.get("pass_"))
-    module = modules.get(row["module_id"]) if row.get("module_id") is not None else None
-    offender = markdown_text(module.label) if module else "none named"
-    if row.get("op"):
-        offender += f" (op {markdown_text(row['op'])})"
-    lines = [
-        f"**{kind} {number}** at step {int(row['step'])}, {markdown_text(pass_)} pass",
-        "",
-        f"- cause: {markdown_text(row.get('cause'))}",
-        f"- first offender: {offender}",
-        f"- summary: {markdown_text(row.get('summary'))}",
-        f"- fix: {markdown_text(row.get('fix'))}",
-    ]
-    return "\n".join(lines)
