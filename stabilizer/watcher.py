@@ -102,6 +102,7 @@ class Watch:
         replay: bool = True,
         report: bool = True,
         tensorboard: bool = False,
+        wandb: bool = False,
         preflight: str = "stop",
         console=None,
     ) -> None:
@@ -123,6 +124,7 @@ class Watch:
                 rollback_lr_factor=rollback_lr_factor,
                 replay=replay,
                 tensorboard=tensorboard,
+                wandb=wandb,
             )
         except ConfigError as err:
             raise ConfigError(f"stabilizer.watch: {_as_argument(str(err))}") from err
@@ -493,7 +495,8 @@ def watch(model: torch.nn.Module, optimizer, **options) -> Watch:
     ``run_dir``, ``on_anomaly`` (raise | skip | clip | rollback | warn | repair: the
     diagnosed fix applied in place, the step's update undone), ``max_repairs``,
     ``on_warning`` (warn | raise), ``trace_every``, ``probe`` (regex of module
-    names), ``max_anomalies``, ``replay``, ``report``, ``tensorboard``, ``preflight``
+    names), ``max_anomalies``, ``replay``, ``report``, ``tensorboard``, ``wandb`` (the same
+    scalars and cards to an offline W&B run in the run folder), ``preflight``
     (stop | warn | off: the checks of ``stabilizer check`` on the model, optimizer and
     scaler at start; an error such as fp16 tensors under Adam with eps 1e-8 stops
     before step 0), ``console``.

@@ -15,17 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from faults import nan_pixels_at
 from test_tensorboard import points, read_events, scalar_tags, traced_run
+from test_watch import Regressor, batches, plain_loop
 
 from stabilizer.config import TrainConfig
 from stabilizer.errors import ConfigError
 from stabilizer.reports.wandb_sink import export_wandb
 from stabilizer.store import TraceStore
-
-pytest.importorskip(
-    "wandb", reason="the wandb extra is not installed: pip install 'stabilizer[wandb]'"
-)
 
 TEXT_KEYS = {"anomaly/diagnosis", "action/taken", "train/status"}
 
@@ -164,3 +162,24 @@ def test_without_wandb_the_error_names_the_option_and_the_install(both, monkeypa
 def test_wandb_without_trace_is_refused_naming_both_options(tmp_path):
     with pytest.raises(ConfigError, match="--wandb.*--trace"):
         TrainConfig.smoke(tmp_path / "run", wandb=True)
+
+
+def test_your_own_loop_logs_to_wandb_too(tmp_path, monkeypatch):
+    """watch(..., wandb=True): the same sink under the own-loop face."""
+    offline_env(monkeypatch, tmp_path)
+    model = Regressor()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    watch = plain_loop(
+        model,
+        optimizer,
+        batches(4),
+        fault_at=2,
+        run_dir=tmp_path / "own",
+        on_anomaly="skip",
+        wandb=True,
+    )
+    assert [a.cause for a in watch.anomalies] == ["forward-math"]
+    [folder] = offline_runs(tmp_path / "own")
+    rows = history(folder)
+    assert sorted(rows) == [0, 1, 2, 3]
+    assert "forward-math" in rows[2]["anomaly/diagnosis"] and "skip" in rows[2]["action/taken"]
