@@ -183,3 +183,22 @@ def test_your_own_loop_logs_to_wandb_too(tmp_path, monkeypatch):
     rows = history(folder)
     assert sorted(rows) == [0, 1, 2, 3]
     assert "forward-math" in rows[2]["anomaly/diagnosis"] and "skip" in rows[2]["action/taken"]
+
+
+def test_the_trainer_callback_logs_to_wandb_too(tmp_path, monkeypatch):
+    """StabilizerCallback(wandb=True): the same sink under the Trainer face."""
+    from test_integrations import NaNAt, TinyRegressor, make_trainer
+    from test_integrations import quiet as quiet_console
+
+    from stabilizer.integrations import StabilizerCallback
+
+    offline_env(monkeypatch, tmp_path)
+    model = TinyRegressor()
+    fault = NaNAt(model, "encoder.2", step=2)
+    callback = StabilizerCallback(on_anomaly="skip", wandb=True, console=quiet_console())
+    make_trainer(tmp_path, model, [fault, callback], steps=4).train()
+    fault.handle.remove()
+    [folder] = offline_runs(tmp_path / "out" / "stabilizer")
+    rows = history(folder)
+    assert sorted(rows) == [0, 1, 2, 3]
+    assert "encoder.2" in rows[2]["anomaly/diagnosis"] and "skip" in rows[2]["action/taken"]
