@@ -134,7 +134,9 @@ class Watch:
         self.scaler = scaler if scaler is not None else getattr(optimizer, "scaler", None)
         if self.scaler is not None and not self.scaler.is_enabled():
             self.scaler = None  # GradScaler(enabled=False) is a no-op: no scaler at all
-        self.scheduler = scheduler
+        # accelerate's AcceleratedScheduler holds the torch scheduler whose base_lrs a
+        # rollback lowers: the session works on that one.
+        self.scheduler = getattr(scheduler, "scheduler", scheduler)
         self._run_dir_given = run_dir is not None
         self.run_dir = (
             Path(run_dir)

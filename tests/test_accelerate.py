@@ -205,3 +205,31 @@ def test_a_healthy_accelerate_launch_run_completes_on_both_ranks(tmp_path):
             assert store.anomalies() == [] and store.meta()["completed"] is True
     assert [rank for rank, _ in rank_store_paths(run_dir)] == [0, 1]
     assert (run_dir / "report.html").is_file()
+
+
+def test_rollback_lowers_the_rate_of_an_accelerated_scheduler(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model = Regressor()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    inner = accelerator.unwrap_model(model)
+    with stabilizer.watch(
+        model,
+        optimizer,
+        scheduler=scheduler,
+        console=quiet(),
+        run_dir=tmp_path / "run",
+        on_anomaly="rollback",
+    ) as watch:
+        for step, batch in enumerate(batches(4)):
+            inner.fault.kind = "log" if step == 2 else None
+            loss = model(**batch)["loss"]
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+    assert [a.cause for a in watch.anomalies] == ["forward-math"]
+    # The torch scheduler inside accelerate's wrapper: its peak rate halved with the rest.
+    assert scheduler.scheduler.base_lrs == [pytest.approx(5e-3)]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
