@@ -322,22 +322,18 @@ class Detector:
         limit = self._limit()
         now = _peak_values(record)
         previous = [r for r in self._history if r.stats is not None and r.step < record.step]
-        previous = previous[-2:]
-        warnings = []
-        for i in np.flatnonzero(now > 0):
-            value = float(now[i])
-            steps_left = math.inf
-            rate = _growth_rate(
-                [(r.step, float(_peak_values(r)[i])) for r in previous], record.step, value
+        rates = _growth_rates([(r.step, _peak_values(r)) for r in previous[-2:]], record.step, now)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            steps_left = np.where(
+                np.isnan(rates), np.inf, np.log(limit / np.maximum(now, 1e-30)) / np.log(rates)
             )
-            if rate is not None:
-                steps_left = math.log(limit / value) / math.log(rate)
-            near = value > limit * self.context.warn_fraction
-            # Growth far below the limit is an adapter learning (lora_B starts at 0 and
-            # its output grows by orders of magnitude early on): project only near it.
-            heading = value > limit * 1e-3 and steps_left <= self.context.overflow_horizon
-            if not (near or heading):
-                continue
+        near = now > limit * self.context.warn_fraction
+        # Growth far below the limit is an adapter learning (lora_B starts at 0 and its
+        # output grows by orders of magnitude early on): project only near the limit.
+        heading = (now > limit * 1e-3) & (steps_left <= self.context.overflow_horizon)
+        warnings = []
+        for i in np.flatnonzero(near | heading):
+            value, rate = float(now[i]), float(rates[i])
             anomaly = make_anomaly(
                 record.step,
                 "forward",
@@ -347,10 +343,10 @@ class Detector:
                 absmax=value,
                 limit=limit,
             )
-            if rate is not None:
+            if not math.isnan(rate):
                 anomaly.evidence["growth per step"] = f"x{rate:.3g}"
                 anomaly.evidence["steps to the limit at this growth"] = max(
-                    0, math.ceil(steps_left)
+                    0, math.ceil(float(steps_left[i]))
                 )
             anomaly.warning = True
             self._locate(anomaly, int(i))
@@ -626,15 +622,17 @@ def _peak_values(record: StepRecord) -> np.ndarray:
     return values
 
 
-def _growth_rate(past: list[tuple[int, float]], step: int, value: float) -> float | None:
-    """The per-step growth factor when the value rose at every one of the last two
-    full-statistics steps (geometric mean over them), else None."""
+def _growth_rates(past: list[tuple[int, np.ndarray]], step: int, now: np.ndarray) -> np.ndarray:
+    """Per module, the per-step growth factor where the value rose at each of the last
+    two full-statistics steps (geometric mean over them); NaN elsewhere."""
+    rates = np.full(now.shape, np.nan)
     if len(past) < 2:
-        return None
-    points = [*past, (step, value)]
+        return rates
+    points = [*past, (step, now)]
+    rising = np.ones(now.shape, dtype=bool)
     for (s0, v0), (s1, v1) in zip(points, points[1:], strict=False):
-        if not (v0 > 0 and v1 > v0 * 1.01 and s1 > s0):
-            return None
-    (s_first, v_first) = points[0]
-    rate = (value / v_first) ** (1.0 / (step - s_first))
-    return rate if rate > 1.0 else None
+        rising &= (v0 > 0) & (v1 > v0 * 1.01) & (s1 > s0)
+    first_step, first = points[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        grown = (now / first) ** (1.0 / (step - first_step))
+    return np.where(rising & (grown > 1.0), grown, np.nan)

@@ -71,20 +71,16 @@ def norms_float32(tensors: list[torch.Tensor], order: int = 2) -> torch.Tensor:
     reduced in float64 (torch refuses to narrow a float64 norm) and a finite norm stays
     finite (clamped to float32's largest value): non-finite still means the tensor held
     NaN/Inf. A list without float64 takes one op."""
-    wide = [i for i, t in enumerate(tensors) if t.dtype == torch.float64]
-    if not wide:
+    wide = [t.dtype == torch.float64 for t in tensors]
+    if not any(wide):
         return torch.stack(torch._foreach_norm(tensors, order, dtype=torch.float32))
-    norms = torch.stack(torch._foreach_norm([tensors[i] for i in wide], order))
-    norms = torch.where(norms.isfinite(), norms.clamp(max=_FLOAT32_MAX), norms).float()
-    if len(wide) == len(tensors):
-        return norms
-    narrow = [i for i in range(len(tensors)) if i not in set(wide)]
-    out = torch.empty(len(tensors), dtype=torch.float32, device=norms.device)
-    out[wide] = norms
-    out[narrow] = torch.stack(
-        torch._foreach_norm([tensors[i] for i in narrow], order, dtype=torch.float32)
+    wide_norms = torch._foreach_norm([t for t, w in zip(tensors, wide, strict=True) if w], order)
+    wide_norms = iter(
+        torch.where(n.isfinite(), n.clamp(max=_FLOAT32_MAX), n).float() for n in wide_norms
     )
-    return out
+    narrow = [t for t, w in zip(tensors, wide, strict=True) if not w]
+    narrow_norms = iter(torch._foreach_norm(narrow, order, dtype=torch.float32) if narrow else [])
+    return torch.stack([next(wide_norms) if w else next(narrow_norms) for w in wide])
 
 
 def segment_stats(flat: torch.Tensor, lengths: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -12,8 +12,8 @@
 Cost tiers. Every step, each hooked tensor gets a finiteness flag (so the step
 where NaN first appears names its module); every ``trace_every`` steps it gets
 full statistics (abs-max, RMS, mean, NaN/Inf counts, fp16 headroom), attention
-modules get the largest |q·k| product (before the 1/sqrt(d) scale), and trainable parameters get
-weight/grad norms and update/weight ratios. Hooks launch no kernels: they note
+modules get the largest |q·k| product (before the 1/sqrt(d) scale), and trainable
+parameters get weight/grad norms and update/weight ratios. Hooks launch no kernels: they note
 their tensors, and each pass's notes are reduced together by a few multi-tensor
 ops (:mod:`stabilizer.probes.batched`), so the cost in kernels does not grow with
 the number of probed modules. Results stay on the device until ``end_step``
@@ -482,11 +482,10 @@ class Tracer:
         d = q.shape[-1] // heads
         qh = q.float().reshape(q.shape[0], q.shape[1], heads, d)
         kh = k.float().reshape(k.shape[0], k.shape[1], heads, d)
-        # The hook runs inside the model's autocast: without this the fp32 copies are
-        # cast back to fp16 and the recomputed scores overflow themselves.
         # The product before the 1/sqrt(d) scale: eager attention computes q @ k^T in
         # the compute dtype first, so that is the value fp16 must hold (|.|: a large
-        # negative product overflows as surely as a large positive one).
+        # negative product overflows as surely as a large positive one). Autocast off:
+        # the hook runs inside the model's, which would cast the fp32 copies back.
         with torch.autocast(q.device.type, enabled=False):
             products = torch.einsum("bihd,bjhd->bhij", qh, kh)
         self._scores.append((index, products.abs().amax()))

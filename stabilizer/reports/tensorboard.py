@@ -380,13 +380,7 @@ def export_tensorboard(
         export_tensorboard(Path("runs/classic"))    # runs/classic/tensorboard/rank0/events...
     """
     run_dir = Path(run_dir)
-    stores = rank_store_paths(run_dir)
-    if not stores:
-        what = "is not a folder" if not run_dir.is_dir() else "has no trace store (trace.db)"
-        raise ConfigError(
-            f"{run_dir} {what}: TensorBoard events are exported from a run's trace store; "
-            "train with --trace (stabilizer train --trace ...) and pass that run folder"
-        )
+    stores = trace_stores_of(run_dir, "TensorBoard events are")
     log_dir = Path(log_dir) if log_dir is not None else run_dir / TENSORBOARD_DIR
     load_summary_writer(option)  # a missing extra fails before anything is written
     _check_replaceable(log_dir)
@@ -405,6 +399,18 @@ def export_tensorboard(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return log_dir
+
+
+def trace_stores_of(run_dir: Path, what: str) -> list[tuple[int, Path]]:
+    """The run's (rank, store path) pairs to export ``what`` from; a clear error if none."""
+    stores = rank_store_paths(run_dir)
+    if not stores:
+        why = "is not a folder" if not run_dir.is_dir() else "has no trace store (trace.db)"
+        raise ConfigError(
+            f"{run_dir} {why}: {what} exported from a run's trace store; train with "
+            "--trace (stabilizer train --trace ...) and pass that run folder"
+        )
+    return stores
 
 
 def feed_store(store: TraceStore, sink: TraceSink) -> None:

@@ -25,8 +25,8 @@ from typing import Any
 
 from stabilizer.errors import ConfigError
 from stabilizer.reports.plots import hard_anomalies
-from stabilizer.reports.tensorboard import TraceSink, feed_store
-from stabilizer.store import ModuleInfo, ParamInfo, TraceStore, rank_store_paths
+from stabilizer.reports.tensorboard import TraceSink, feed_store, trace_stores_of
+from stabilizer.store import ModuleInfo, ParamInfo, TraceStore
 
 WANDB_PROJECT = "stabilizer"
 INSTALL_HINT = "pip install 'stabilizer[wandb]'"
@@ -156,13 +156,7 @@ def export_wandb(run_dir: Path, *, option: str = "--wandb") -> list[Path]:
         export_wandb(Path("runs/classic"))    # runs/classic/wandb/offline-run-.../
     """
     run_dir = Path(run_dir)
-    stores = rank_store_paths(run_dir)
-    if not stores:
-        what = "is not a folder" if not run_dir.is_dir() else "has no trace store (trace.db)"
-        raise ConfigError(
-            f"{run_dir} {what}: W&B runs are exported from a run's trace store; "
-            "train with --trace (stabilizer train --trace ...) and pass that run folder"
-        )
+    stores = trace_stores_of(run_dir, "W&B runs are")
     load_wandb(option)  # a missing package fails before anything is written
     folders = []
     for rank, path in stores:
