@@ -352,7 +352,7 @@ def main() -> None:
 
     \b
     Start here:
-      stabilizer train                        train the embedded default (about 3 minutes on CPU)
+      stabilizer train                        train the embedded default (about 4 minutes on CPU)
       stabilizer inspect                      see which Q-Former layers LoRA would touch
       stabilizer eval runs/latest             score the last run (real, blank, shuffled images)
       stabilizer train --adapter-dtype fp16 --trace
