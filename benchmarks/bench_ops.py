@@ -8,6 +8,8 @@ One batch, one model, ``stabilizer.watch`` around stabilizer's own training step
 |-----------|-----------------------------------------------------------------------|
 | untraced  | no hooks                                                              |
 | check     | ``watch(trace_every=10**9)``, a step after the first: NaN/Inf check only |
+|           | (multi-tensor L1 norms: one op per pass, as on a GPU)                 |
+| check-cpu | as check, the CPU way (L2 norms, a few ops to re-check non-finite ones) |
 | full      | ``watch(trace_every=1)``: full statistics every step, reduced the way a |
 |           | GPU does it (multi-tensor: a fixed number of ops per statistic)       |
 | full-cpu  | as full, reduced the way a CPU does it (two single-pass ops per tensor:|
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         base, _ = count_step(model, optimizer, batch, plan, trace_every=None, run_dir=Path(scratch))
         for mode, every, strategy in (
             ("check", 10**9, "multi-tensor"),
+            ("check-cpu", 10**9, "per-tensor"),
             ("full", 1, "multi-tensor"),
             ("full-cpu", 1, "per-tensor"),
         ):

@@ -163,9 +163,19 @@ def test_full_readings_equal_per_tensor_statistics_in_one_chunk_or_many(
         assert numels[slot] == t.numel()
 
 
-def test_check_readings_are_finite_exactly_when_the_tensor_is():
+@pytest.mark.parametrize("strategy", ["multi-tensor", "per-tensor"])
+def test_check_readings_are_finite_exactly_when_the_tensor_is(strategy, monkeypatch):
+    monkeypatch.setattr(PassReducer, "strategy", strategy)
     reducer = PassReducer(full=False)
     ts = tensors()
+    # Finite values whose squares overflow fp32 (the host's L2 norm turns inf on them
+    # and must be checked again), beside a true Inf at the same magnitude.
+    huge = torch.full((6,), 3e19)
+    huge_inf = huge.clone()
+    huge_inf[2] = math.inf
+    ts += [huge, huge_inf, torch.full((3,), 3e19).bfloat16()]
+    if strategy == "per-tensor":  # exact up to fp32's limit (L1 in fp32 would overflow)
+        ts.append(torch.tensor([3e38, 3e38]))
     slots = [reducer.note(t) for t in ts]
     chunks, row_of, _ = reducer.finish()
     flags = torch.cat(chunks)
@@ -249,7 +259,8 @@ def test_readings_of_a_pass_wait_for_its_end_and_hold_no_graph():
         with spy:
             out = model(**data)
         reductions = [i for i, name in enumerate(seen) if name == "_foreach_norm"]
-        assert len(reductions) == 1 and reductions[0] > len(seen) - 4  # at the very end
+        # One reduction, right after the model's last op (the loss).
+        assert len(reductions) == 1 and reductions[0] == seen.index("mse_loss") + 1, seen
         assert out["loss"].grad_fn is not None
         out["loss"].backward()
         record = tracer.end_step(loss=out["loss"])
@@ -286,7 +297,9 @@ def test_the_pytest_guard_adds_the_same_ops_however_deep_the_model():
 
     shallow, deep = extra_ops(2), extra_ops(8)
     assert shallow == deep, (shallow, deep)
-    assert sum(deep.values()) <= 16, deep  # a few per pass and per optimizer hook
+    # A few per pass and per optimizer hook (on a CPU one more per reduction: the
+    # norms are read back on the host in place, to re-check any non-finite one).
+    assert sum(deep.values()) <= 20, deep
 
 
 def test_the_pytest_guard_still_names_the_first_offender_among_many(tmp_path):

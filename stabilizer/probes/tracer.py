@@ -46,12 +46,7 @@ from stabilizer.probes.batched import RAW_WIDTH, PassReducer, measurable, norms_
 from stabilizer.probes.gradhooks import SharedGradHooks
 from stabilizer.probes.naming import describe, strip_peft
 from stabilizer.probes.schema import PARAM_STATS, SITES, TENSOR_STATS
-from stabilizer.probes.stats import (
-    combine_raw,
-    finish_stats,
-    first_float_tensor,
-    output_tensor,
-)
+from stabilizer.probes.stats import first_float_tensor, output_tensor
 
 # Modules probed in InstructBLIP/BLIP-2 (names without peft's prefix).
 _L = r"qformer\.encoder\.layer\.\d+\."
@@ -183,6 +178,9 @@ def select_modules(model: nn.Module, pattern: str | None = None) -> list[tuple[s
 
 
 _LORA_PART = re.compile(r"\.lora_[AB](\.|$)")
+# Sites as codes (positions in SITES) where hooks note them: ints index arrays.
+_FWD_IN, _FWD_OUT, _GRAD_OUT, _GRAD_IN = (SITES.index(s) for s in SITES)
+assert SITES == ("fwd_in", "fwd_out", "grad_out", "grad_in")
 
 
 class Tracer:
@@ -254,6 +252,7 @@ class Tracer:
             )
             self._param_tensors.append(param)
         self._handles: list = []
+        self._full_only_handles: list = []
         self._tensor_handles: list = []
         self._step = -1
         self._full = False
@@ -274,10 +273,10 @@ class Tracer:
         if self._attached:
             return self
         for index, module in enumerate(self._module_objs):
-            self._handles.append(
-                module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True)
-            )
-            self._handles.append(module.register_forward_hook(self._make_post_hook(index)))
+            if not self.modules[index].full_only:
+                self._handles += self._hook_module(index, module)
+        self._attached = True
+        self._hook_full_only(self._full)
         self._handles.append(
             self.model.register_forward_pre_hook(self._input_hook, with_kwargs=True)
         )
@@ -286,14 +285,32 @@ class Tracer:
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._before_opt_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._after_opt_step))
-        self._attached = True
         return self
+
+    def _hook_module(self, index: int, module: nn.Module) -> list:
+        return [
+            module.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True),
+            module.register_forward_hook(self._make_post_hook(index)),
+        ]
+
+    def _hook_full_only(self, on: bool) -> None:
+        # LoRA A/B modules carry hooks only while a full step runs: a module without
+        # hooks takes PyTorch's fast call path, so check steps pay nothing for them.
+        if on and self._attached and not self._full_only_handles:
+            for index, module in enumerate(self._module_objs):
+                if self.modules[index].full_only:
+                    self._full_only_handles += self._hook_module(index, module)
+        elif not on and self._full_only_handles:
+            for handle in self._full_only_handles:
+                handle.remove()
+            self._full_only_handles.clear()
 
     def close(self) -> None:
         for handle in self._handles + self._tensor_handles:
             handle.remove()
         self._handles.clear()
         self._tensor_handles.clear()
+        self._hook_full_only(False)
         self._attached = False
 
     def __enter__(self) -> Tracer:
@@ -308,14 +325,17 @@ class Tracer:
         self._reducer = PassReducer(
             self._full, compiled=self.compile_stats, forward_bytes=self._last_forward_bytes
         )
-        self._entries: list[tuple[str, int, int]] = []  # (site, module index, slot)
+        self._entries: list[tuple[int, int, int]] = []  # (site code, module index, slot)
         self._backward_open = False
-        self._order: dict[str, list[int]] = {site: [] for site in SITES}
-        self._seen: dict[str, set[int]] = {site: set() for site in SITES}
+        # Per site code, module index -> firing position (a dict keeps the first firing).
+        self._order: list[dict[int, int]] = [{} for _ in SITES]
         self._scores: list[tuple[int, torch.Tensor]] = []
         self._inputs: list[tuple[str, int]] = []  # (argument name, slot)
         self._last_qk: dict[tuple[str, str], torch.Tensor] = {}
-        self._grad_in = SharedGradHooks(self._credit_grad_in)
+        # One gradient hook per tensor, crediting every (site, module) that asked: a
+        # module's output is usually the next module's input, so its grad_out and the
+        # next module's grad_in are one gradient and one Python call.
+        self._grad_hooks = SharedGradHooks(self._credit_grad)
         self._param_device: dict[str, torch.Tensor] = {}
         self._snapshot: list[torch.Tensor] | None = None
         self._optimizer_stepped = False
@@ -333,6 +353,7 @@ class Tracer:
         self._tensor_handles.clear()
         self._step = step
         self._full = (step % self.trace_every == 0) if full is None else full
+        self._hook_full_only(self._full)
         self._reset_step_buffers()
         self._begun = True
 
@@ -374,20 +395,34 @@ class Tracer:
         return self._full
 
     # -- hooks ---------------------------------------------------------------------
-    def _record(self, site: str, index: int, tensor: torch.Tensor, *, now: bool = False) -> None:
+    def _record(self, site: int, index: int, tensor: torch.Tensor, *, now: bool = False) -> None:
         if not measurable(tensor):
             return
-        if site.startswith("grad"):
-            self._after_backward = True
-            if not self._backward_open:
-                self._open_backward()
-        if index not in self._seen[site]:
-            self._seen[site].add(index)
-            self._order[site].append(index)
+        order = self._order[site]
+        if index not in order:
+            order[index] = len(order)
         # One tensor is often seen by several probes (a layer's input feeds query, key
         # and value; lora_A's output is lora_B's input): the reducer measures it once
         # per version (an in-place op like h[0] = nan makes a new reading).
         self._entries.append((site, index, self._reducer.note(tensor, now=now)))
+
+    def _credit_grad(self, grad: torch.Tensor, owners: list[tuple[int, int]]) -> None:
+        if not measurable(grad):
+            return
+        self._after_backward = True
+        if not self._backward_open:
+            self._open_backward()
+        slot = self._reducer.note(grad)
+        for site, index in owners:
+            order = self._order[site]
+            if index not in order:
+                order[index] = len(order)
+            self._entries.append((site, index, slot))
+
+    def _watch_grad(self, tensor: torch.Tensor, site: int, index: int) -> None:
+        handle = self._grad_hooks.watch(tensor, (site, index))
+        if handle is not None:
+            self._tensor_handles.append(handle)
 
     def _open_backward(self) -> None:
         # The first gradient of a backward: the forward's notes are complete, and the
@@ -424,23 +459,12 @@ class Tracer:
                 return None
             # A module that overwrites its input (ReLU(inplace=True)) would change the
             # tensor before a deferred reduction sees it: measure that input now.
-            self._record("fwd_in", index, tensor, now=getattr(module, "inplace", False) is True)
+            self._record(_FWD_IN, index, tensor, now=getattr(module, "inplace", False) is True)
             if tensor.requires_grad and torch.is_grad_enabled():
-                self._watch_grad_in(tensor, index)
+                self._watch_grad(tensor, _GRAD_IN, index)
             return None
 
         return hook
-
-    def _watch_grad_in(self, tensor: torch.Tensor, index: int) -> None:
-        # One tensor often feeds several modules (hidden states -> query, key, value):
-        # hook it once and credit the gradient to each of them.
-        handle = self._grad_in.watch(tensor, index)
-        if handle is not None:
-            self._tensor_handles.append(handle)
-
-    def _credit_grad_in(self, grad: torch.Tensor, owners: list[int]) -> None:
-        for owner in owners:
-            self._record("grad_in", owner, grad)
 
     def _make_post_hook(self, index: int):
         info = self.modules[index]
@@ -452,15 +476,11 @@ class Tracer:
             if tensor is None or not self._ready(tensor):
                 return None
             self.output_dtypes.add(tensor.dtype)
-            self._record("fwd_out", index, tensor)
+            self._record(_FWD_OUT, index, tensor)
             if self._full and self.attention_scores:
                 self._note_attention(module, index, info, tensor)
             if tensor.requires_grad and torch.is_grad_enabled():
-
-                def grad_hook(grad):
-                    self._record("grad_out", index, grad)
-
-                self._tensor_handles.append(tensor.register_hook(grad_hook))
+                self._watch_grad(tensor, _GRAD_OUT, index)
             return None
 
         return hook
@@ -603,12 +623,10 @@ class Tracer:
 
     def _build_record(self, flat, layout, lr) -> StepRecord:
         n = len(self.modules)
-        finite = {site: np.ones(n, dtype=bool) for site in SITES}
         order = {site: np.full(n, -1, dtype=np.int64) for site in SITES}
-        for site, indices in self._order.items():
-            for position, index in enumerate(indices):
+        for site, positions in zip(SITES, self._order, strict=True):
+            for index, position in positions.items():
                 order[site][index] = position
-        raw_acc: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
         scores = np.full(n, np.nan) if self._full else None
         params = np.full((len(self.params), len(PARAM_STATS)), np.nan)
         inputs: dict[str, bool] = {}
@@ -642,36 +660,34 @@ class Tracer:
         width = RAW_WIDTH if self._full else 1
         rows = np.concatenate(readings).reshape(-1, width) if readings else np.zeros((0, width))
 
-        def reading(slot: int) -> np.ndarray | None:
-            row = self._row_of[slot]
-            return None if row is None else rows[row]
+        row_of = np.fromiter(
+            (-1 if r is None else r for r in self._row_of), np.int64, len(self._row_of)
+        )
 
-        def is_finite(value: np.ndarray) -> bool:
-            # Check steps: an L1 norm, finite iff every element is. Full steps: counts.
-            return math.isfinite(value[0]) if not self._full else value[3] == 0 and value[4] == 0
+        def finite_rows(values: np.ndarray) -> np.ndarray:
+            # Check steps: a norm, finite iff every element is. Full steps: the counts.
+            if not self._full:
+                return np.isfinite(values[:, 0])
+            return (values[:, 3] == 0) & (values[:, 4] == 0)
 
         for name, slot in self._inputs:
-            value = reading(slot)
-            inputs[name] = inputs.get(name, True) and (value is None or is_finite(value))
-        for site, index, slot in self._entries:
-            value = reading(slot)
-            if value is None:  # unknown (changed in place, read again later) or empty
-                continue
-            if not is_finite(value):
-                finite[site][index] = False
-            if self._full:
-                numel = self._numel_of[slot]
-                prev = raw_acc.get((site, index))
-                raw_acc[(site, index)] = (
-                    (value.astype(np.float64), numel)
-                    if prev is None
-                    else (combine_raw(prev[0], value), prev[1] + numel)
-                )
+            row = row_of[slot]
+            ok = row < 0 or bool(finite_rows(rows[row : row + 1])[0])
+            inputs[name] = inputs.get(name, True) and ok
+        # Every (site, module, slot) noted this step, judged together. A slot without a
+        # row is unknown (changed in place, read again later) or empty: left out.
+        entries = np.array(self._entries, dtype=np.int64).reshape(-1, 3)
+        entry_rows = row_of[entries[:, 2]]
+        known = entry_rows >= 0
+        entries, entry_rows = entries[known], entry_rows[known]
+        values = rows[entry_rows].astype(np.float64)
+        bad = ~finite_rows(values)
+        finite_grid = np.ones((len(SITES), n), dtype=bool)
+        finite_grid[entries[bad, 0], entries[bad, 1]] = False
+        finite = {site: finite_grid[code] for code, site in enumerate(SITES)}
         stats = None
         if self._full:
-            stats = {site: np.full((n, len(TENSOR_STATS)), np.nan) for site in SITES}
-            for (site, index), (raw, numel) in raw_acc.items():
-                stats[site][index] = finish_stats(raw, numel)
+            stats = self._combine_calls(entries, values, n)
         return StepRecord(
             step=self._step,
             full=self._full,
@@ -687,6 +703,35 @@ class Tracer:
             inputs_finite=inputs,
             extra=extra,
         )
+
+    def _combine_calls(self, entries: np.ndarray, values: np.ndarray, n: int) -> dict:
+        """Full statistics per (site, module): the raw rows of a module's calls in
+        this step combined (max of maxima, root of summed squares, sums of sums and
+        counts), then turned into ``TENSOR_STATS`` by its total element count."""
+        key = entries[:, 0] * n + entries[:, 1]
+        cells = len(SITES) * n
+        numel = np.zeros(cells)
+        np.add.at(numel, key, np.asarray(self._numel_of, dtype=np.float64)[entries[:, 2]])
+        absmax = np.full(cells, -np.inf)
+        np.maximum.at(absmax, key, values[:, 0])  # NaN, where a call had one, stays NaN
+        sums = np.zeros((cells, RAW_WIDTH - 1))
+        np.add.at(sums, key, np.column_stack([values[:, 1] ** 2, values[:, 2:]]))
+        count = np.maximum(numel, 1.0)
+        table = np.column_stack(
+            [
+                absmax,
+                np.sqrt(sums[:, 0] / count),
+                sums[:, 1] / count,
+                sums[:, 2],
+                sums[:, 3],
+                sums[:, 4] / count,
+            ]
+        )
+        seen = np.zeros(cells, dtype=bool)
+        seen[key] = True
+        table[~seen] = np.nan
+        table = table.reshape(len(SITES), n, len(TENSOR_STATS))
+        return {site: table[code] for code, site in enumerate(SITES)}
 
 
 def trace(model: nn.Module, **kwargs) -> Tracer:
