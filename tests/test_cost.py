@@ -10,7 +10,9 @@ when a pass is reduced in several chunks, in mixed dtypes, and around in-place o
 from __future__ import annotations
 
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -316,3 +318,87 @@ def test_the_pytest_guard_still_names_the_first_offender_among_many(tmp_path):
     message = guard.finish()
     assert "forward of module 'blocks.3.0' (Linear)" in message, message
     assert "own parameters are non-finite (weight)" in message
+
+
+def test_lora_adapters_carry_hooks_only_while_a_full_step_runs():
+    """On check steps the wrapped layer's output already holds the adapter's part, so
+    lora_A/lora_B go unhooked (PyTorch's fast call path); full steps measure them."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        Stack(2), LoraConfig(r=2, target_modules=r".*blocks\.\d\.0", lora_dropout=0.0)
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    adapters = [
+        (n, m) for n, m in model.named_modules() if re.search(r"\.lora_[AB](\.default)?$", n)
+    ]
+    assert len(adapters) == 8  # each adapter's ModuleDict and its "default" Linear
+
+    def hooked(module):
+        return bool(module._forward_hooks or module._forward_pre_hooks)
+
+    seen = {}
+    with Tracer(model, optimizer=optimizer, trace_every=2) as tracer:
+        lora_index = [i for i, m in enumerate(tracer.modules) if m.full_only]
+        assert sorted(tracer.modules[i].name for i in lora_index) == sorted(n for n, _ in adapters)
+        for step in range(3):
+            tracer.begin_step(step)
+            assert all(hooked(m) == (step % 2 == 0) for _, m in adapters), step
+            loss = model(**batch())["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            seen[step] = tracer.end_step(loss=loss)
+    called = [i for i in lora_index if tracer.modules[i].name.endswith(".default")]
+    for step, record in seen.items():
+        fired = record.order["fwd_out"][called] >= 0
+        assert fired.all() if record.full else not fired.any(), (step, fired)
+        assert record.clean
+    assert (seen[0].stats["fwd_out"][called, 1] >= 0).all()  # an RMS measured on full steps
+    assert not any(hooked(m) for m in model.modules())  # all removed on close
+
+
+def test_a_module_called_twice_in_a_step_reads_as_both_calls_together():
+    """Micro-batches, or one layer applied twice: a full step's statistics of a module
+    are those of everything it produced in the step, as if concatenated."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.shared = nn.Linear(4, 4)
+
+        def forward(self, x, poison=False):
+            h = torch.tanh(self.shared(x))
+            if poison:  # outside the module: its second call gets a NaN row
+                h = h.clone()
+                h[0, 0] = math.nan
+            return self.shared(h)
+
+    model = Twice()
+    x = torch.randn(3, 4) * 3
+    records = []
+    with Tracer(model, trace_every=1) as tracer:
+        index = next(m.index for m in tracer.modules if m.name == "shared")
+        for step, poison in enumerate((False, True)):
+            tracer.begin_step(step)
+            with torch.no_grad():
+                model(x, poison)
+            records.append(tracer.end_step())
+    with torch.no_grad():
+        first = model.shared(x)
+        both = torch.cat([first, model.shared(torch.tanh(first))]).reshape(-1)
+    expected = tensor_stats(both).double().numpy()
+    absmax, rms, mean, nan, inf, near = records[0].stats["fwd_out"][index]
+    np.testing.assert_allclose(
+        [absmax, rms, mean],
+        [expected[0], expected[1] / math.sqrt(both.numel()), expected[2] / both.numel()],
+        rtol=1e-5,
+    )
+    assert (nan, inf, near) == (0, 0, 0) and records[0].finite["fwd_out"][index]
+    # The second call's NaN row (4 values) is counted; the first call's clean reading
+    # does not hide it.
+    poisoned = records[1].stats["fwd_out"][index]
+    assert poisoned[3] == 4 and not records[1].finite["fwd_out"][index]
+    assert not records[1].finite["fwd_in"][index]
