@@ -48,9 +48,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_loop.py --preset medium-instructblip-t5 --batch-sizes 4 \
 		--steps 3 --rounds 3 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_trace.py --preset tiny-instructblip-t5 --batch-size 32 \
-		--steps 10 --rounds 4 $(BENCH_ARGS)
+		--steps 2 --rounds 20 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_trace.py --preset medium-instructblip-t5 --batch-size 4 \
-		--steps 2 --rounds 3 $(BENCH_ARGS)
+		--steps 1 --rounds 8 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_ddp.py --preset tiny-instructblip-t5 --batch-size 16 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_ddp.py --preset medium-instructblip-t5 --batch-size 4 \
 		--steps 3 --rounds 3 --warmup 1 $(BENCH_ARGS)

@@ -189,9 +189,13 @@ def main(argv: list[str] | None = None) -> dict:
             del runners[mode]
             optimizer.zero_grad(set_to_none=True)
     times: dict[str, list[float]] = {m: [] for m in runners}
-    for _ in range(args.rounds):
-        for mode, run in runners.items():
-            times[mode].append(time_block(run, args.steps, device))
+    order = list(runners)
+    for round_ in range(args.rounds):
+        # Each round starts one mode later, so no mode always follows the same other
+        # (the slow baselines leave caches and the allocator in their own state).
+        shift = round_ % len(order)
+        for mode in order[shift:] + order[:shift]:
+            times[mode].append(time_block(runners[mode], args.steps, device))
     base = times["untraced"]
     rows = []
     for mode in runners:

@@ -473,7 +473,8 @@ class _Guard:
         return not bool(self.torch.isfinite(t).all())
 
     def _bad_reading(self, value: float) -> bool:
-        # An L1 norm: NaN when the tensor holds NaN, Inf when it holds +/-Inf only.
+        # A norm (L1, or L2 re-checked on a CPU): NaN when the tensor holds NaN, Inf
+        # when it holds +/-Inf and no NaN.
         return math.isnan(value) if self.s["nan_only"] else not math.isfinite(value)
 
     def _floats(self, value) -> list:

@@ -179,8 +179,9 @@ def select_modules(model: nn.Module, pattern: str | None = None) -> list[tuple[s
 
 _LORA_PART = re.compile(r"\.lora_[AB](\.|$)")
 # Sites as codes (positions in SITES) where hooks note them: ints index arrays.
-_FWD_IN, _FWD_OUT, _GRAD_OUT, _GRAD_IN = (SITES.index(s) for s in SITES)
-assert SITES == ("fwd_in", "fwd_out", "grad_out", "grad_in")
+_FWD_IN, _FWD_OUT, _GRAD_OUT, _GRAD_IN = map(
+    SITES.index, ("fwd_in", "fwd_out", "grad_out", "grad_in")
+)
 
 
 class Tracer:
