@@ -9,10 +9,10 @@ One batch, one model, ``stabilizer.watch`` around stabilizer's own training step
 | untraced  | no hooks                                                              |
 | check     | ``watch(trace_every=10**9)``, a step after the first: NaN/Inf check only |
 |           | (multi-tensor L1 norms: one op per pass, as on a GPU)                 |
-| check-cpu | as check, the CPU way (L2 norms, a few ops to re-check non-finite ones) |
+| check-cpu | as check, the CPU way (L2 norms read on the host; a non-finite one re-checked) |
 | full      | ``watch(trace_every=1)``: full statistics every step, reduced the way a |
 |           | GPU does it (multi-tensor: a fixed number of ops per statistic)       |
-| full-cpu  | as full, reduced the way a CPU does it (two single-pass ops per tensor:|
+| full-cpu  | as full, reduced the way a CPU does it (three single-pass ops per tensor:|
 |           | on a CPU the cost is passes over memory, not launches)                |
 
     python benchmarks/bench_ops.py                                   # tiny preset

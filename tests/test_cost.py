@@ -119,8 +119,9 @@ def test_the_tiny_instructblip_step_stays_within_the_op_budget(tmp_path):
     assert rows["check"]["probed_modules"] > 100
     assert rows["check"]["extra_ops"] <= 64, rows["check"]
     assert rows["full"]["extra_ops"] <= 400, rows["full"]
-    # The CPU's own strategy trades ops for passes over memory: two per tensor at most.
-    assert rows["full-cpu"]["extra_ops"] <= rows["full"]["extra_ops"] + 2 * 600, rows["full-cpu"]
+    # The CPU's own strategy trades ops for passes over memory: three single-pass
+    # reductions per noted tensor (about 350 on this step), a few more per flush.
+    assert rows["full-cpu"]["extra_ops"] <= 3 * 400 + 100, rows["full-cpu"]
     for row in rows.values():
         assert sum(row["syncs_by_phase"].values()) == 0, row
 
