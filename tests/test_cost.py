@@ -88,7 +88,7 @@ def counted_step(depth: int, trace_every: int | None, tmp_path) -> tuple[OpCount
 def test_tracing_adds_the_same_ops_however_many_modules_are_probed(
     mode, every, tmp_path, monkeypatch
 ):
-    # The reduction a GPU runs (on a CPU, full steps run two cheap ops per tensor).
+    # The reduction a GPU runs (on a CPU, full steps run three cheap ops per tensor).
     monkeypatch.setattr(PassReducer, "strategy", "multi-tensor")
     extra, modules = {}, {}
     for depth in (2, 8):

@@ -167,9 +167,9 @@ class PassReducer:
     min_budget_bytes = 2 * 2**20
     # How readings are reduced: "multi-tensor" (a fixed number of ops per statistic:
     # what a GPU, where launches are the cost, runs), "per-tensor" (host memory, where
-    # the cost is passes over memory, not launches: full statistics by two single-pass
-    # ops per tensor with counts only where a tensor needs them, check flags by the
-    # faster L2 norm) or "auto" (by device).
+    # the cost is passes over memory, not launches: full statistics by three
+    # single-pass ops per tensor with counts only where a tensor needs them, check
+    # flags by the faster L2 norm) or "auto" (by device).
     strategy = "auto"
 
     def __init__(
