@@ -403,3 +403,21 @@ def test_a_module_called_twice_in_a_step_reads_as_both_calls_together():
     poisoned = records[1].stats["fwd_out"][index]
     assert poisoned[3] == 4 and not records[1].finite["fwd_out"][index]
     assert not records[1].finite["fwd_in"][index]
+
+
+def test_the_hooks_fast_path_still_stops_when_recording_stops():
+    """After a step's first hook the one-time checks are skipped; turning recording off
+    mid-step (an evaluation forward inside a watched loop) must still take effect."""
+    model = Stack(2)
+    data = batch()
+    with Tracer(model, trace_every=1) as tracer:
+        tracer.begin_step(0)
+        loss = model(**data)["loss"]  # the hooks are on their fast path from here
+        counted = len(tracer._entries)
+        tracer.recording = False
+        with torch.no_grad():
+            model(x=torch.full_like(data["x"], math.nan), labels=data["labels"])
+        assert len(tracer._entries) == counted  # nothing noted while off
+        tracer.recording = True
+        record = tracer.end_step(loss=loss)
+    assert record.clean  # the NaN evaluation forward was not this step's

@@ -261,7 +261,7 @@ class Tracer:
         self._attached = False
         # False while the model runs outside training (an evaluation forward inside a
         # watched loop): hooks then record nothing.
-        self.recording = True
+        self._recording = True
         # Called at the first hook of a step that nobody began (``stabilizer.watch``
         # delimits steps by the optimizer's own step, and begins one lazily here).
         self.on_unbegun_step = None
@@ -345,6 +345,8 @@ class Tracer:
         self.autocast_dtype: torch.dtype | None = None
         self._autocast_known = False
         self._begun = False
+        # True once a begun step's one-time checks are done: hooks then skip them.
+        self._steady = False
         self._after_backward = False
 
     def begin_step(self, step: int, *, full: bool | None = None) -> None:
@@ -363,9 +365,20 @@ class Tracer:
         """True between ``begin_step`` and ``end_step``."""
         return self._begun
 
+    @property
+    def recording(self) -> bool:
+        return self._recording
+
+    @recording.setter
+    def recording(self, on: bool) -> None:
+        self._recording = on
+        self._steady = False
+
     def _ready(self, tensor: torch.Tensor | None = None) -> bool:
         """Whether a hook should record now; begins a step lazily when asked to."""
-        if not self.recording:
+        if self._steady and not self._after_backward:
+            return True  # every hook of a running step but the first few
+        if not self._recording:
             return False
         if self._after_backward and tensor is not None:
             self._after_backward = False
@@ -379,6 +392,7 @@ class Tracer:
             device = tensor.device.type
             if torch.is_autocast_enabled(device):
                 self.autocast_dtype = torch.get_autocast_dtype(device)
+        self._steady = self._begun and self._autocast_known
         return True
 
     def compute_dtype(self) -> str:
@@ -449,18 +463,24 @@ class Tracer:
 
     def _make_pre_hook(self, index: int):
         full_only = self.modules[index].full_only
+        # A module that overwrites its input (ReLU(inplace=True)) would change the
+        # tensor before a deferred reduction sees it: that input is measured at once.
+        # (Read here once: a missing attribute costs nn.Module an exception per call.)
+        in_place = getattr(self._module_objs[index], "inplace", False) is True
 
         def hook(module, args, kwargs):
             if _in_backward() or (full_only and not self._full):
                 return None
-            tensor = first_float_tensor(args) if args else None
-            if tensor is None:
-                tensor = first_float_tensor(kwargs)
+            first = args[0] if args else None
+            if type(first) is torch.Tensor and first.is_floating_point():
+                tensor = first  # the common case, without walking the arguments
+            else:
+                tensor = first_float_tensor(args) if args else None
+                if tensor is None:
+                    tensor = first_float_tensor(kwargs)
             if tensor is None or not self._ready(tensor):
                 return None
-            # A module that overwrites its input (ReLU(inplace=True)) would change the
-            # tensor before a deferred reduction sees it: measure that input now.
-            self._record(_FWD_IN, index, tensor, now=getattr(module, "inplace", False) is True)
+            self._record(_FWD_IN, index, tensor, now=in_place)
             if tensor.requires_grad and torch.is_grad_enabled():
                 self._watch_grad(tensor, _GRAD_IN, index)
             return None
@@ -473,7 +493,10 @@ class Tracer:
         def hook(module, args, output):
             if _in_backward() or (info.full_only and not self._full):
                 return None
-            tensor = output_tensor(output)
+            if type(output) is torch.Tensor:
+                tensor = output if output.is_floating_point() else None
+            else:
+                tensor = output_tensor(output)
             if tensor is None or not self._ready(tensor):
                 return None
             self.output_dtypes.add(tensor.dtype)
@@ -612,7 +635,7 @@ class Tracer:
             layout.append(("param", stat, value.numel()))
         # The deliberate sync of the step.
         flat = torch.cat([p.to(device) for p in parts]).cpu().numpy()
-        self._begun = False
+        self._begun = self._steady = False
         return self._build_record(flat, layout, lr)
 
     def _device(self, loss, chunks: list[torch.Tensor]) -> torch.device:
