@@ -55,7 +55,7 @@ def run(folder: Path, args: list[str]) -> float:
 
 
 def main() -> None:
-    steps, rounds = 10, 3
+    steps, rounds = 10, 7  # a median of 7 alternating pairs: one noisy process moves it little
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "test_bench.py").write_text(TEST.replace("STEPS", str(steps)))
