@@ -198,10 +198,7 @@ class PassReducer:
     def note(self, tensor: torch.Tensor, *, now: bool = False) -> int:
         """The slot that measures ``tensor`` as it is now; ``now`` reduces at once."""
         key = id(tensor)
-        try:
-            version = tensor._version
-        except RuntimeError:  # inference-mode tensors have no version counter
-            version = None
+        version = _version_of(tensor)
         seen = self._seen.get(key)
         if seen is not None and version is not None and seen[1] == version and seen[0]() is tensor:
             if now:

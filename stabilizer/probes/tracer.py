@@ -413,13 +413,10 @@ class Tracer:
     def _record(self, site: int, index: int, tensor: torch.Tensor, *, now: bool = False) -> None:
         if not measurable(tensor):
             return
-        order = self._order[site]
-        if index not in order:
-            order[index] = len(order)
         # One tensor is often seen by several probes (a layer's input feeds query, key
         # and value; lora_A's output is lora_B's input): the reducer measures it once
         # per version (an in-place op like h[0] = nan makes a new reading).
-        self._entries.append((site, index, self._reducer.note(tensor, now=now)))
+        self._enter(site, index, self._reducer.note(tensor, now=now))
 
     def _credit_grad(self, grad: torch.Tensor, owners: list[tuple[int, int]]) -> None:
         if not measurable(grad):
@@ -429,10 +426,14 @@ class Tracer:
             self._open_backward()
         slot = self._reducer.note(grad)
         for site, index in owners:
-            order = self._order[site]
-            if index not in order:
-                order[index] = len(order)
-            self._entries.append((site, index, slot))
+            self._enter(site, index, slot)
+
+    def _enter(self, site: int, index: int, slot: int) -> None:
+        """Module ``index``'s reading at ``site`` is ``slot``; its first one sets its order."""
+        order = self._order[site]
+        if index not in order:
+            order[index] = len(order)
+        self._entries.append((site, index, slot))
 
     def _watch_grad(self, tensor: torch.Tensor, site: int, index: int) -> None:
         handle = self._grad_hooks.watch(tensor, (site, index))
