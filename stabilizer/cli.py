@@ -19,6 +19,7 @@ from stabilizer.config import (
     ANOMALY_POLICIES,
     BAD_SAMPLE_POLICIES,
     DEVICES,
+    JUDGE_LATE_MODES,
     PRECISIONS,
     PREFLIGHT_MODES,
     SCHEDULES,
@@ -274,6 +275,13 @@ def _train_options(func):
             default=d.on_warning,
             show_default=True,
             help=_h("on_warning"),
+        ),
+        click.option(
+            "--judge-late",
+            type=click.Choice(JUDGE_LATE_MODES),
+            default=d.judge_late,
+            show_default=True,
+            help=_h("judge_late"),
         ),
         click.option(
             "--preflight",

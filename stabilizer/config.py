@@ -17,10 +17,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stabilizer.errors import ConfigError
 from stabilizer.models.lora import LoraSettings
+
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ADAPTER_DTYPES = ("fp32", "bf16", "fp16")
@@ -30,6 +33,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ANOMALY_POLICIES = ("raise", "skip", "clip", "rollback", "warn", "repair")
 WARNING_POLICIES = ("warn", "raise")
 PREFLIGHT_MODES = ("stop", "warn", "off")
+JUDGE_LATE_MODES = ("auto", "on", "off")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -151,6 +155,16 @@ class TrainConfig:
         metadata=_help(
             "with --trace, on an early warning (nothing non-finite yet: a huge update, "
             "fp16 headroom, steady growth): warn (print the card, train on) or raise (stop)"
+        ),
+    )
+    judge_late: str = field(
+        default="auto",
+        metadata=_help(
+            "with --trace: judge each step at the end of the next one, so that no step "
+            "ends waiting for the GPU (its one copy to the host runs in the background); "
+            "warnings and the diagnosis come one step later. Only with --on-anomaly warn "
+            "and --on-warning warn (the other policies act within the step). auto: on "
+            "where it saves a sync (warn on a GPU), off otherwise"
         ),
     )
     preflight: str = field(
@@ -329,6 +343,9 @@ class TraceSettings:
     compile_stats: bool = False
     on_anomaly: str = "raise"
     on_warning: str = "warn"  # "raise": stop at the first early warning too
+    # "on": each step judged at the end of the next (no sync per step; warn only);
+    # "auto": on where that saves a host-device sync (warn, on a GPU).
+    judge_late: str = "auto"
     max_anomalies: int = 10
     max_repairs: int = 5
     rollback_lr_factor: float = 0.5
@@ -351,11 +368,30 @@ class TraceSettings:
 def _check_trace_options(obj: TrainConfig | TraceSettings) -> None:
     _choice("--on-anomaly", obj.on_anomaly, ANOMALY_POLICIES)
     _choice("--on-warning", obj.on_warning, WARNING_POLICIES)
+    _choice("--judge-late", obj.judge_late, JUDGE_LATE_MODES)
+    if obj.judge_late == "on" and (obj.on_anomaly != "warn" or obj.on_warning != "warn"):
+        raise ConfigError(
+            f"--judge-late on needs --on-anomaly warn and --on-warning warn (got "
+            f"--on-anomaly {obj.on_anomaly}, --on-warning {obj.on_warning}): the other "
+            "policies act on a step before the next one runs (raise stops in it; skip, "
+            "clip, rollback and repair undo it). Use --judge-late auto or off"
+        )
     _positive("--trace-every", obj.trace_every)
     _positive("--max-anomalies", obj.max_anomalies)
     _positive("--max-repairs", obj.max_repairs)
     if not 0 < obj.rollback_lr_factor <= 1:
         raise ConfigError(f"--rollback-lr-factor must be in (0, 1], got {obj.rollback_lr_factor}")
+
+
+def judges_late(settings: TraceSettings, device: torch.device) -> bool:
+    """Whether a run judges each step one step late (``judge_late``, on ``device``).
+
+    "auto" turns it on where it saves something: under warn, on a GPU. On a CPU the
+    readings are already on the host, so judging late would only delay the verdict."""
+    if settings.judge_late != "auto":
+        return settings.judge_late == "on"
+    warn_only = settings.on_anomaly == "warn" and settings.on_warning == "warn"
+    return warn_only and device.type == "cuda"
 
 
 def field_help(cls: type, name: str) -> str:

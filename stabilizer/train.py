@@ -580,7 +580,7 @@ def _train(
         log.print(
             f"tracing {len(session.tracer.modules)} modules and {len(session.tracer.params)} "
             f"trainable tensors into {escape(stores)} (full statistics every {cfg.trace_every} "
-            f"step(s); on anomaly: {cfg.on_anomaly})"
+            f"step(s); {session.policy_text})"
         )
     metrics = MetricsLog(run_dir / "metrics.jsonl") if main else None
     # Per-step values stay on the device until a log step copies them at once.
@@ -773,6 +773,8 @@ def _train(
                 if _due(cfg, done, order) and done != total_steps:
                     checkpoint(done)
             flush_pending(total_steps - 1)
+            if session is not None:
+                session.flush()  # the last step, when judged late (--judge-late)
         checkpoint(total_steps)  # the final checkpoint is always written
     except BaseException as exc:
         # Nothing logged is lost on a crash or Ctrl-C: write what is pending first. No
@@ -786,7 +788,7 @@ def _train(
         if metrics is not None:
             metrics.close()
         if session is not None:
-            session.close()
+            session.close(failing=True)
             # A stop on an anomaly is agreed, so every rank is here: wait until all stores
             # are closed before rank 0 reads them (torchrun ends the job at the first exit).
             if ranks is not None and isinstance(exc, NumericalAnomalyError):

@@ -94,6 +94,7 @@ class Watch:
         run_dir: str | Path | None = None,
         on_anomaly: str = "raise",
         on_warning: str = "warn",
+        judge_late: str = "auto",
         trace_every: int = 1,
         probe: str | None = None,
         max_anomalies: int = 10,
@@ -119,6 +120,7 @@ class Watch:
                 trace_every=trace_every,
                 on_anomaly=on_anomaly,
                 on_warning=on_warning,
+                judge_late=judge_late,
                 max_anomalies=max_anomalies,
                 max_repairs=max_repairs,
                 rollback_lr_factor=rollback_lr_factor,
@@ -237,7 +239,7 @@ class Watch:
         self._main_console().print(
             f"stabilizer: watching {len(tracer.modules)} modules and {len(trainable)} "
             f"trainable tensors into {where} (full statistics every "
-            f"{self.settings.trace_every} step(s); on anomaly: {self.settings.on_anomaly})"
+            f"{self.settings.trace_every} step(s); {self.session.policy_text})"
         )
         self._reset_step()
         return self
@@ -256,6 +258,8 @@ class Watch:
         try:
             if self._open and not failing:
                 self._end(scaler_skipped=self._scaler_stepped_without_update())
+            if not failing:
+                session.flush()  # the step still held when judging late: before "completed"
         finally:
             for handle in self._handles:
                 handle.remove()
@@ -264,7 +268,7 @@ class Watch:
             self.summary = session.summary
             if not failing:
                 session.store.set_meta(completed=True)
-            session.close()
+            session.close(failing=failing)
             # Rank 0 reads every rank's store, so it waits until all are closed; the
             # others wait for its report, since torchrun (under accelerate launch too)
             # ends the whole job as soon as the first rank exits.
@@ -478,6 +482,7 @@ class Watch:
             "grad_scaler": self.scaler is not None,
             "on_anomaly": self.settings.on_anomaly,
             "on_warning": self.settings.on_warning,
+            "judge_late": self.settings.judge_late,
             "trace_every": self.settings.trace_every,
             "probe": self.settings.probe,
         }
@@ -496,7 +501,9 @@ def watch(model: torch.nn.Module, optimizer, **options) -> Watch:
     Options: ``scaler`` (your GradScaler; None: none in this loop), ``scheduler``,
     ``run_dir``, ``on_anomaly`` (raise | skip | clip | rollback | warn | repair: the
     diagnosed fix applied in place, the step's update undone), ``max_repairs``,
-    ``on_warning`` (warn | raise), ``trace_every``, ``probe`` (regex of module
+    ``on_warning`` (warn | raise), ``judge_late`` (auto | on | off: with ``warn``,
+    each step judged at the end of the next, so no step ends in a host-device sync;
+    auto: on a GPU), ``trace_every``, ``probe`` (regex of module
     names), ``max_anomalies``, ``replay``, ``report``, ``tensorboard``, ``wandb`` (the same
     scalars and cards to an offline W&B run in the run folder), ``preflight``
     (stop | warn | off: the checks of ``stabilizer check`` on the model, optimizer and
@@ -514,6 +521,7 @@ def _as_argument(message: str) -> str:
     for option in (
         "--on-anomaly",
         "--on-warning",
+        "--judge-late",
         "--trace-every",
         "--max-anomalies",
         "--max-repairs",

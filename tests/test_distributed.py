@@ -168,6 +168,29 @@ def test_nan_on_one_rank_is_skipped_by_both_ranks_and_blamed_on_that_rank(tmp_pa
     assert "non-finite on ranks" in page
 
 
+def test_judging_late_under_torchrun_agrees_on_every_step_and_the_last_at_the_end(tmp_path):
+    # warn, each step judged at the end of the next: the ranks still agree step by step
+    # (the collective moves a step later), and the last step is judged after the loop.
+    run_dir = tmp_path / "ddp"
+    proc = torchrun(
+        run_dir,
+        "--batch-size", "4", "--on-anomaly", "warn", "--judge-late", "on", "--no-replay",
+        fault=f"1:3:{FAULT_MODULE}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "each step judged at the end of the next" in proc.stdout
+    first = {}
+    for rank, path in rank_store_paths(run_dir):
+        with TraceStore.open(path) as store:
+            status = list(store.steps()["status"])
+            # The update of step 3 was applied (warn): its NaN weights make 4 and 5 bad too.
+            assert status == ["ok", "ok", "ok", "anomaly", "anomaly", "anomaly"], (rank, status)
+            first[rank] = store.anomalies()[0]
+    assert (first[1]["step"], first[1]["cause"]) == (3, "forward-math")
+    assert first[1]["evidence"]["module_path"] == FAULT_MODULE
+    assert (first[0]["step"], first[0]["cause"]) == (3, "other-rank")
+
+
 def test_raise_stops_every_rank_in_the_same_step(tmp_path):
     run_dir = tmp_path / "ddp"
     proc = torchrun(run_dir, "--batch-size", "4", "--no-replay", fault=f"1:2:{FAULT_MODULE}")

@@ -11,6 +11,10 @@ A face says where a step begins and ends and hands over what it has seen; only
     accepted, record = session.end_step(0, loss)
     session.close()
 
+Judged one step late (``TraceSettings(judge_late=...)``, ``warn`` only), a step's
+record is read at the end of the next step: its copy to the host has finished by
+then, so no step ends in a host-device sync; ``close()`` judges the last one.
+
 Every action is logged in the store and printed. A skipped step is said out
 loud (AMP's GradScaler skips silently), and ``max_anomalies`` stops the run
 with the diagnosis instead of skipping forever. Early warnings (nothing
@@ -37,7 +41,7 @@ import torch
 from rich.console import Console
 from rich.panel import Panel
 
-from stabilizer.config import TraceSettings, TrainConfig
+from stabilizer.config import TraceSettings, TrainConfig, judges_late
 from stabilizer.data.collate import IGNORE_INDEX
 from stabilizer.detector.detect import Detector, DetectorContext
 from stabilizer.detector.diagnosis import CAUSES, ROOT_CAUSE, Anomaly, make_anomaly
@@ -52,7 +56,7 @@ from stabilizer.detector.replay import RecordedStep, ReplayUnavailable
 from stabilizer.distributed import RankGroup, RankVerdict, StepAgreement
 from stabilizer.errors import ConfigError
 from stabilizer.probes.schema import PASSES, TENSOR_STATS
-from stabilizer.probes.tracer import StepRecord, Tracer
+from stabilizer.probes.tracer import PendingRecord, StepRecord, Tracer
 from stabilizer.store import ModuleInfo, ParamInfo, StepData, TraceStore, store_path
 
 _CAUSE_IDS = list(CAUSES)
@@ -109,6 +113,23 @@ class SessionSummary:
     repairs: list[dict] = field(default_factory=list)
     dropped_batches: list[int] = field(default_factory=list)
     bundle: Path | None = None
+
+
+@dataclass
+class _HeldStep:
+    """A step judged one step late: its record on the way to the host, and what its
+    judging needs that the next step overwrites (the pre-step state for the replay)."""
+
+    step: int
+    pending: PendingRecord
+    recorded: RecordedStep | None
+    scaler_skipped: bool
+    compute_dtype: str
+    before: StateSnapshot | None = None
+    rng_before: torch.Tensor | None = None
+    # The gradients the optimizer stepped on, for a replay of the optimizer pass alone
+    # (the next step's backward replaces them before this step is judged).
+    grads: list[torch.Tensor | None] | None = None
 
 
 class TraceSession:
@@ -176,6 +197,13 @@ class TraceSession:
         self.needs_snapshot = self.policy in ("skip", "clip", "rollback", "repair") or self.replays
         self.before = StateSnapshot(trainable, optimizer)
         self.good = StateSnapshot(trainable, optimizer)
+        # Judging one step late (--judge-late): the step's copy to the host is waited for
+        # at the end of the next step, so no step ends in a host-device sync. The held
+        # step keeps its pre-step snapshot; the other one is the next step's (two kept).
+        device = trainable[0].device if trainable else torch.device("cpu")
+        self.judge_late = judges_late(settings, device)
+        self._held: _HeldStep | None = None
+        self._spare_before: StateSnapshot | None = None
         self.summary = SessionSummary()
         self.replaying = False  # True while the replay re-runs a step (faces ignore it)
         self._clamps: list[ClampOutput] = []
@@ -242,8 +270,12 @@ class TraceSession:
         recorded: RecordedStep | None = None,
         extra: dict[str, torch.Tensor | float] | None = None,
         scaler_skipped: bool = False,
-    ) -> tuple[bool, StepRecord]:
+    ) -> tuple[bool, StepRecord | None]:
         """Check the step; apply the policy. Returns (accepted, record).
+
+        Judged one step late (``judge_late``), the record is None: this call judges the
+        step before (its warnings, anomaly and store row come now), ``flush()`` or
+        ``close()`` the last one.
 
         ``label_tokens``: the fewest label tokens of any micro-batch (0: a NaN loss is
         "all labels masked"); counted from ``micro_batches`` when they are given.
@@ -259,9 +291,30 @@ class TraceSession:
             extra["label_tokens"] = label_tokens
         if lr is None:
             lr = float(self.optimizer.param_groups[0]["lr"])
+        if self.judge_late:
+            pending = self.tracer.end_step_late(loss=loss, lr=lr, grad_norm=grad_norm, extra=extra)
+            # The step before first: its pre-step snapshot is then free for the next step.
+            # This step is held even when that judging stops the run: close() judges it.
+            try:
+                self.flush()
+            finally:
+                self._held = self._hold(step, pending, recorded, scaler_skipped)
+            # Only a step the GradScaler refused is known to be refused now; warn (the one
+            # policy judged late) accepts every other step.
+            return not scaler_skipped, None
         record = self.tracer.end_step(loss=loss, lr=lr, grad_norm=grad_norm, extra=extra)
+        return self._judge(record, recorded, scaler_skipped)
+
+    def _judge(
+        self,
+        record: StepRecord,
+        recorded: RecordedStep | None,
+        scaler_skipped: bool,
+        *,
+        agree: bool = True,
+    ) -> tuple[bool, StepRecord]:
         anomaly = self.detector.check(record)
-        if self.ranks is not None:
+        if self.ranks is not None and agree:
             anomaly = self._agree(anomaly, record)
         status, accepted = "ok", True
         try:
@@ -287,6 +340,64 @@ class TraceSession:
             self._maybe_keep_good(record.step)
         self._append_step(_step_data(record, status))
         return accepted, record
+
+    # -- judging one step late ---------------------------------------------------------
+    def _hold(
+        self,
+        step: int,
+        pending: PendingRecord,
+        recorded: RecordedStep | None,
+        scaler_skipped: bool,
+    ) -> _HeldStep:
+        held = _HeldStep(
+            step, pending, recorded, scaler_skipped, self.detector.context.compute_dtype
+        )
+        if self.needs_snapshot and self.before.ready:
+            # The next begin_step captures into the other snapshot: this one stays as
+            # it was before this step until the step is judged.
+            held.before, held.rng_before = self.before, self._rng_before
+            spare = self._spare_before or StateSnapshot(self.trainable, self.optimizer)
+            self.before, self._spare_before = spare, None
+            reruns = recorded is not None and bool(recorded.calls) and not recorded.forward_only
+            if not reruns:
+                held.grads = _copy_grads(self.trainable)
+        return held
+
+    def _judge_held(self, held: _HeldStep, *, agree: bool = True) -> None:
+        """Judge a held step: its snapshot, RNG state and gradients stand in for the
+        current ones while it is judged (a replay re-runs it from them)."""
+        record = held.pending.result()  # the step's copy finished a step ago: no stall
+        saved = (self.before, self._rng_before, self.detector.context.compute_dtype)
+        grads = [p.grad for p in self.trainable] if held.grads is not None else None
+        if held.before is not None:
+            self.before, self._rng_before = held.before, held.rng_before
+        if held.grads is not None:
+            for param, grad in zip(self.trainable, held.grads, strict=True):
+                param.grad = grad
+        self.detector.context.compute_dtype = held.compute_dtype
+        try:
+            self._judge(record, held.recorded, held.scaler_skipped, agree=agree)
+        finally:
+            self.before, self._rng_before, self.detector.context.compute_dtype = saved
+            if grads is not None:
+                for param, grad in zip(self.trainable, grads, strict=True):
+                    param.grad = grad
+            if held.before is not None:
+                self._spare_before = held.before
+
+    @property
+    def policy_text(self) -> str:
+        """How this session acts, for the faces' start line."""
+        late = "; each step judged at the end of the next" if self.judge_late else ""
+        return f"on anomaly: {self.policy}{late}"
+
+    def flush(self, *, agree: bool = True) -> None:
+        """Judge the step still held (``judge_late``): call it when the loop ends;
+        ``close()`` does. A no-op when every step was judged in its own step.
+        ``agree=False``: without the ranks' collective (a rank failing alone)."""
+        held, self._held = self._held, None
+        if held is not None:
+            self._judge_held(held, agree=agree)
 
     def _warn(self, warning: Anomaly, record: StepRecord) -> None:
         self.summary.warnings.append(warning)
@@ -703,7 +814,21 @@ class TraceSession:
         redo, self._redo = self._redo, False
         return redo
 
-    def close(self) -> None:
+    def close(self, *, failing: bool = False) -> None:
+        """Judge the held step, remove every hook, close the store and the sinks.
+
+        ``failing``: an error is on its way; a stop the held step would raise (too many
+        anomalies) is then logged in the store but not raised over it, and no rank is
+        waited for (the others may not be failing)."""
+        try:
+            self.flush(agree=not failing)
+        except NumericalAnomalyError:
+            if not failing:
+                raise
+        finally:
+            self._close_owned()
+
+    def _close_owned(self) -> None:
         for clamp in self._clamps:
             clamp.remove()
         self._clamps.clear()
@@ -740,6 +865,12 @@ class TraceSession:
                     sink.close()
                 raise
         return sinks
+
+
+def _copy_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+    present = [p.grad for p in params if p.grad is not None]
+    copies = iter(torch._foreach_mul(present, 1.0) if present else [])  # one multi-tensor op
+    return [next(copies) if p.grad is not None else None for p in params]
 
 
 def _plain(text: str) -> str:

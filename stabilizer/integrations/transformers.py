@@ -119,6 +119,9 @@ class StabilizerCallback(TrainerCallback):
         max_repairs: with ``repair``, stop after this many repairs.
         on_warning: ``warn`` (an early warning prints its card, training goes on) or
             ``raise`` (stop at it).
+        judge_late: ``auto`` (default), ``on`` or ``off``: with ``warn``, each step is
+            judged at the end of the next, so no step ends in a host-device sync;
+            ``auto`` does so on a GPU.
         trace_every: full per-module statistics every N steps (the NaN/Inf check
             runs every step).
         probe: regex of module names to probe (default: the Q-Former preset when
@@ -144,6 +147,7 @@ class StabilizerCallback(TrainerCallback):
         *,
         on_anomaly: str = "skip",
         on_warning: str = "warn",
+        judge_late: str = "auto",
         trace_every: int = 1,
         probe: str | None = None,
         max_anomalies: int = 10,
@@ -169,6 +173,7 @@ class StabilizerCallback(TrainerCallback):
                 trace_every=trace_every,
                 on_anomaly=on_anomaly,
                 on_warning=on_warning,
+                judge_late=judge_late,
                 max_anomalies=max_anomalies,
                 max_repairs=max_repairs,
                 rollback_lr_factor=rollback_lr_factor,
@@ -272,7 +277,7 @@ class StabilizerCallback(TrainerCallback):
             self.console.print(
                 f"stabilizer: tracing {len(self.session.tracer.modules)} modules and "
                 f"{len(self._trainable)} trainable tensors into {where} (full statistics "
-                f"every {settings.trace_every} step(s); on anomaly: {settings.on_anomaly})"
+                f"every {settings.trace_every} step(s); {self.session.policy_text})"
             )
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -345,6 +350,7 @@ class StabilizerCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.session is not None:
+            self.session.flush()  # the step still held when judging late
             self.session.store.set_meta(completed=True)
         self._finish(report=self.report, all_ranks=True)
 
@@ -428,7 +434,7 @@ class StabilizerCallback(TrainerCallback):
             return
         self.summary = session.summary
         try:
-            session.close()
+            session.close(failing=failing)
         except Exception as err:
             if not failing:
                 raise
@@ -525,6 +531,7 @@ def _meta(args, model, trainable, settings: TraceSettings, compute_dtype: str, k
         "grad_norm_measured": "after clipping" if args.max_grad_norm > 0 else "before clipping",
         "seed": args.seed,
         "trace_every": settings.trace_every,
+        "judge_late": settings.judge_late,
         "probe": settings.probe,
     }
     lora = _lora_settings(model)

@@ -18,8 +18,10 @@ where ``stabilizer.watch`` ends the step, checks it and writes the store). Creat
 the counter before the watch so its hooks come first.
 
 Syncs are ``aten._local_scalar_dense`` (``item()``, ``bool(t)``, ``float(t)``) and
-copies from a device to the host. On a CPU-only run a tensor already on the host
-needs no copy, so the step's one deliberate ``.cpu()`` is not counted there.
+copies from a device to the host, except a ``non_blocking`` copy into pinned memory
+(how a step judged late sends its readings: the wait is a step later, on an event).
+On a CPU-only run a tensor already on the host needs no copy, so the step's one
+deliberate ``.cpu()`` is not counted there.
 Backward ops on CUDA run in autograd's device threads, which a dispatch mode does
 not see: count on CPU (the counts are the launches a GPU would make).
 """
@@ -36,16 +38,22 @@ _SYNC_OPS = ("_local_scalar_dense",)
 
 
 def _to_host(func, args, kwargs, out) -> bool:
-    if func.overloadpacket.__name__ not in ("_to_copy", "copy_"):
+    name = func.overloadpacket.__name__
+    if name not in ("_to_copy", "copy_"):
         return False
-    src = args[1] if func.overloadpacket.__name__ == "copy_" else args[0]
-    dst = args[0] if func.overloadpacket.__name__ == "copy_" else out
-    return (
+    src = args[1] if name == "copy_" else args[0]
+    dst = args[0] if name == "copy_" else out
+    if not (
         isinstance(src, torch.Tensor)
         and isinstance(dst, torch.Tensor)
         and src.device.type != "cpu"
         and dst.device.type == "cpu"
-    )
+    ):
+        return False
+    # A non-blocking copy into pinned memory returns at once: the host waits only
+    # where it reads the result (a step later, when judging late), not here.
+    non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+    return not (name == "copy_" and non_blocking and dst.is_pinned())
 
 
 class OpCounter(TorchDispatchMode):

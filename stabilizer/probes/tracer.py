@@ -44,6 +44,7 @@ from torch import nn
 from stabilizer.errors import ConfigError
 from stabilizer.probes.batched import RAW_WIDTH, PassReducer, measurable, norms_float32
 from stabilizer.probes.gradhooks import SharedGradHooks
+from stabilizer.probes.hostcopy import HostCopies, InFlight
 from stabilizer.probes.naming import describe, strip_peft
 from stabilizer.probes.schema import PARAM_STATS, SITES, TENSOR_STATS
 from stabilizer.probes.stats import first_float_tensor, output_tensor
@@ -144,6 +145,41 @@ class StepRecord:
         )
 
 
+@dataclass(frozen=True)
+class _StepNotes:
+    """What a step's hooks noted besides the readings themselves: with the copied
+    readings, enough to build its record after the next step has begun."""
+
+    step: int
+    full: bool
+    order: list[dict[int, int]]
+    entries: list[tuple[int, int, int]]
+    inputs: list[tuple[str, int]]
+    row_of: list[int | None]
+    numel_of: list[int]
+    optimizer_stepped: bool
+
+
+class PendingRecord:
+    """A step whose readings are on their way to the host (``Tracer.end_step_late``)."""
+
+    def __init__(self, copy: InFlight, build) -> None:
+        self._copy = copy
+        self._build = build
+        self._record: StepRecord | None = None
+
+    def ready(self) -> bool:
+        """True when ``result()`` would not wait for the device."""
+        return self._record is not None or self._copy.done()
+
+    def result(self) -> StepRecord:
+        """The step's record (waits for its copy to the host if that still runs)."""
+        if self._record is None:
+            self._record = self._build(self._copy.wait())
+            self._build = self._copy = None
+        return self._record
+
+
 def _in_backward() -> bool:
     # Autograd runs a graph task during backward; forward hooks that fire then are
     # activation-checkpointing recomputation, not a new forward pass.
@@ -211,6 +247,7 @@ class Tracer:
         self.attention_scores = attention_scores
         self.compile_stats = compile_stats
         self._last_forward_bytes: int | None = None  # sizes the reducer's memory budget
+        self._host_copies = HostCopies()  # pinned buffers for steps judged late
         chosen = select_modules(model, pattern)
         self.modules: list[ProbedModule] = []
         self._index: dict[int, int] = {}
@@ -609,8 +646,25 @@ class Tracer:
         extra: dict[str, torch.Tensor | float] | None = None,
     ) -> StepRecord:
         """Stack everything recorded this step, copy it to the host once, and build the record."""
+        return self.end_step_late(loss=loss, lr=lr, grad_norm=grad_norm, extra=extra).result()
+
+    def end_step_late(
+        self,
+        *,
+        loss: torch.Tensor | float | None = None,
+        lr: float | None = None,
+        grad_norm: torch.Tensor | float | None = None,
+        extra: dict[str, torch.Tensor | float] | None = None,
+    ) -> PendingRecord:
+        """End the step as ``end_step`` does, but only start the copy to the host.
+
+        On a GPU the copy goes to pinned memory without waiting, so the host queues the
+        next step while it runs; ``.result()`` on what this returns waits for it (a step
+        later, it has long finished) and builds the :class:`StepRecord`. The next step
+        may begin before then: what this step noted is kept with it.
+        """
         self.measure_params()
-        chunks, self._row_of, self._numel_of = self._reducer.finish()
+        chunks, row_of, numel_of = self._reducer.finish()
         device = self._device(loss, chunks)
         layout: list[tuple[str, object, int]] = []  # (kind, key, size) in copy order
         parts: list[torch.Tensor] = []
@@ -634,10 +688,20 @@ class Tracer:
         for stat, value in self._param_device.items():
             parts.append(value.reshape(-1).float())
             layout.append(("param", stat, value.numel()))
-        # The deliberate sync of the step.
-        flat = torch.cat([p.to(device) for p in parts]).cpu().numpy()
+        notes = _StepNotes(
+            step=self._step,
+            full=self._full,
+            order=self._order,
+            entries=self._entries,
+            inputs=self._inputs,
+            row_of=row_of,
+            numel_of=numel_of,
+            optimizer_stepped=self._optimizer_stepped,
+        )
+        # The step's one device->host copy; on a GPU the wait for it is result()'s.
+        copy = self._host_copies.start(torch.cat([p.to(device) for p in parts]))
         self._begun = self._steady = False
-        return self._build_record(flat, layout, lr)
+        return PendingRecord(copy, lambda flat: self._build_record(flat, layout, lr, notes))
 
     def _device(self, loss, chunks: list[torch.Tensor]) -> torch.device:
         if isinstance(loss, torch.Tensor):
@@ -646,13 +710,14 @@ class Tracer:
             return chunk.device
         return torch.device("cpu")
 
-    def _build_record(self, flat, layout, lr) -> StepRecord:
+    def _build_record(self, flat, layout, lr, notes: _StepNotes) -> StepRecord:
         n = len(self.modules)
+        full = notes.full
         order = {site: np.full(n, -1, dtype=np.int64) for site in SITES}
-        for site, positions in zip(SITES, self._order, strict=True):
+        for site, positions in zip(SITES, notes.order, strict=True):
             for index, position in positions.items():
                 order[site][index] = position
-        scores = np.full(n, np.nan) if self._full else None
+        scores = np.full(n, np.nan) if full else None
         params = np.full((len(self.params), len(PARAM_STATS)), np.nan)
         inputs: dict[str, bool] = {}
         extra: dict[str, float] = {}
@@ -682,26 +747,26 @@ class Tracer:
                     params[:, column] = np.where(np.isfinite(chunk), 0.0, 1.0)
                 else:
                     params[:, column] = chunk
-        width = RAW_WIDTH if self._full else 1
+        width = RAW_WIDTH if full else 1
         rows = np.concatenate(readings).reshape(-1, width) if readings else np.zeros((0, width))
 
         row_of = np.fromiter(
-            (-1 if r is None else r for r in self._row_of), np.int64, len(self._row_of)
+            (-1 if r is None else r for r in notes.row_of), np.int64, len(notes.row_of)
         )
 
         def finite_rows(values: np.ndarray) -> np.ndarray:
             # Check steps: a norm, finite iff every element is. Full steps: the counts.
-            if not self._full:
+            if not full:
                 return np.isfinite(values[:, 0])
             return (values[:, 3] == 0) & (values[:, 4] == 0)
 
-        for name, slot in self._inputs:
+        for name, slot in notes.inputs:
             row = row_of[slot]
             ok = row < 0 or bool(finite_rows(rows[row : row + 1])[0])
             inputs[name] = inputs.get(name, True) and ok
         # Every (site, module, slot) noted this step, judged together. A slot without a
         # row is unknown (changed in place, read again later) or empty: left out.
-        entries = np.array(self._entries, dtype=np.int64).reshape(-1, 3)
+        entries = np.array(notes.entries, dtype=np.int64).reshape(-1, 3)
         entry_rows = row_of[entries[:, 2]]
         known = entry_rows >= 0
         entries, entry_rows = entries[known], entry_rows[known]
@@ -711,11 +776,11 @@ class Tracer:
         finite_grid[entries[bad, 0], entries[bad, 1]] = False
         finite = {site: finite_grid[code] for code, site in enumerate(SITES)}
         stats = None
-        if self._full:
-            stats = self._combine_calls(entries, values, n)
+        if full:
+            stats = self._combine_calls(entries, values, n, notes.numel_of)
         return StepRecord(
-            step=self._step,
-            full=self._full,
+            step=notes.step,
+            full=full,
             loss=loss,
             lr=lr,
             grad_norm=grad_norm,
@@ -724,21 +789,24 @@ class Tracer:
             stats=stats,
             score_max=scores,
             param_stats=params,
-            optimizer_stepped=self._optimizer_stepped,
+            optimizer_stepped=notes.optimizer_stepped,
             inputs_finite=inputs,
             extra=extra,
         )
 
-    def _combine_calls(self, entries: np.ndarray, values: np.ndarray, n: int) -> dict:
+    def _combine_calls(
+        self, entries: np.ndarray, values: np.ndarray, n: int, numel_of: list[int]
+    ) -> dict:
         """Full statistics per (site, module): the raw rows of a module's calls in
         this step combined (max of maxima, root of summed squares, sums of sums and
         counts), then turned into ``TENSOR_STATS`` by its total element count."""
         key = entries[:, 0] * n + entries[:, 1]
         cells = len(SITES) * n
         numel = np.zeros(cells)
-        np.add.at(numel, key, np.asarray(self._numel_of, dtype=np.float64)[entries[:, 2]])
+        np.add.at(numel, key, np.asarray(numel_of, dtype=np.float64)[entries[:, 2]])
         absmax = np.full(cells, -np.inf)
-        np.maximum.at(absmax, key, values[:, 0])  # NaN, where a call had one, stays NaN
+        with np.errstate(invalid="ignore"):  # NaN, where a call had one, stays NaN
+            np.maximum.at(absmax, key, values[:, 0])
         sums = np.zeros((cells, RAW_WIDTH - 1))
         np.add.at(sums, key, np.column_stack([values[:, 1] ** 2, values[:, 2:]]))
         count = np.maximum(numel, 1.0)
