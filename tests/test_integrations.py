@@ -288,9 +288,13 @@ def test_nan_with_skip_undoes_the_step_and_holds_the_schedule(tmp_path):
     assert "step 3 skipped" in callback.console.export_text()
 
 
-def test_nan_with_warn_goes_on_and_says_so_every_step(tmp_path):
+@pytest.mark.parametrize("judge_late", ["off", "on"])
+def test_nan_with_warn_goes_on_and_says_so_every_step(tmp_path, judge_late):
+    # Judged late (each step at the end of the next, the last at train end): the same rows.
     model = TinyRegressor()
-    callback = StabilizerCallback(on_anomaly="warn", console=quiet(), report=False)
+    callback = StabilizerCallback(
+        on_anomaly="warn", judge_late=judge_late, console=quiet(), report=False
+    )
     trainer = make_trainer(tmp_path, model, [NaNAt(model, "encoder.2", step=4), callback])
     trainer.train()
 

@@ -9,6 +9,10 @@
     ...         record = tracer.end_step(loss=loss)     # one device->host copy
     ...         print(record.first_nonfinite())
 
+``end_step_late`` ends the step the same way but only starts the copy (on a GPU,
+non-blocking into pinned memory); its ``.result()``, read a step later, is the
+record, so no step ends waiting for the device.
+
 Cost tiers. Every step, each hooked tensor gets a finiteness flag (so the step
 where NaN first appears names its module); every ``trace_every`` steps it gets
 full statistics (abs-max, RMS, mean, NaN/Inf counts, fp16 headroom), attention
