@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -336,6 +337,9 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+_GUARD_GC_THRESHOLD = 10_000  # young-generation threshold while a test is guarded
+
+
 class _Event:
     """One call of a module (forward) or one gradient (backward), as its hooks saw it."""
 
@@ -433,7 +437,27 @@ class _Guard:
             self.watch = OpWatch(context=self._op_context)
             self.watch.active = True
             self.watch.__enter__()
+        self._raise_gc_threshold()
         self.installed = True
+
+    def _raise_gc_threshold(self) -> None:
+        # A guarded pass keeps a few thousand small objects alive until it is judged
+        # (its calls, its gradient hooks). Under the default threshold (700) they set
+        # off Python's young collections every step, survive them, and every few dozen
+        # steps a full collection walks the test process's whole heap (0.2 s with
+        # transformers loaded). A higher first threshold lets them die young; nothing
+        # is collected differently, only later, and it is put back when the test ends
+        # (unless the test set its own).
+        first, *rest = gc.get_threshold()
+        self._gc_threshold = None
+        if 0 < first < _GUARD_GC_THRESHOLD:
+            self._gc_threshold = (first, *rest)
+            gc.set_threshold(_GUARD_GC_THRESHOLD, *rest)
+
+    def _restore_gc_threshold(self) -> None:
+        saved, self._gc_threshold = self._gc_threshold, None
+        if saved is not None and gc.get_threshold()[0] == _GUARD_GC_THRESHOLD:
+            gc.set_threshold(*saved)
 
     def add_scope(self, model) -> None:
         self._register(model)
@@ -448,6 +472,7 @@ class _Guard:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        self._restore_gc_threshold()
         if self.watch is not None:
             self.watch.__exit__(None, None, None)
 
@@ -538,12 +563,16 @@ class _Guard:
         event.out_slots = [self.reducer.note(t) for t in event.outputs]
         self.done.append(event)
         if not self._ignored(module, event.path):
+            # Owners of str and int only: Python stops tracking such tuples, so the
+            # thousands a pass makes do not drive its garbage collector (the module
+            # and its path are found again by id when the gradient comes).
+            key = id(module)
             for t in event.outputs:
                 if t.requires_grad:
-                    self._watch_grad(t, ("out", module, event.path, event.call))
+                    self._watch_grad(t, ("out", key, event.call))
             for t in event.inputs:
                 if t.requires_grad:
-                    self._watch_grad(t, ("in", module, event.path, event.call))
+                    self._watch_grad(t, ("in", key, event.call))
         if self.open_calls == 0:
             self._judge()  # the outermost forward returned: judge it as a whole
         return None
@@ -601,7 +630,9 @@ class _Guard:
             if not self.in_backward:
                 self._open_backward()
             slot = self.reducer.note(grad)
-            for side, module, path, call in owners:
+            names = self.names
+            for side, key, call in owners:
+                path, module = names[key]
                 self.grad_events.append((side, module, path, call, slot, grad))
 
     def _open_backward(self) -> None:

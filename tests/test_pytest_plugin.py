@@ -677,3 +677,72 @@ def test_realistic_model_suite_has_no_false_failures(pytester, guard):
     # The same outcomes, and the guard is live: the canary's NaN is caught.
     guarded.assert_outcomes(passed=18, skipped=1, failed=1)
     guarded.stdout.fnmatch_lines(["FAILED test_zcanary.py::test_canary_nan_is_still_caught*"])
+
+
+def test_a_guarded_pass_does_not_drive_pythons_garbage_collector(run):
+    """A guarded pass keeps its calls and gradient hooks alive until it is judged;
+    under Python's default threshold they set off young collections every step, and
+    every few dozen steps a full one over the whole test process. While a test is
+    guarded the first threshold is raised; it is put back afterwards, and a threshold
+    the test sets itself is kept."""
+    result = run(
+        """
+import gc
+
+from torch import nn
+
+
+def deep():
+    layers = []
+    for _ in range(60):
+        layers += [nn.Linear(16, 16), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+def young_collections(steps=5):
+    model = deep()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(4, 16)
+    counts = []
+    gc.callbacks.append(lambda phase, info: phase == "start" and counts.append(info))
+    try:
+        for _ in range(steps):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        gc.callbacks.pop()
+    return len(counts)
+
+
+def test_guarded():
+    print("YOUNG_GUARDED", young_collections(), "THRESHOLD", gc.get_threshold()[0])
+
+
+@pytest.mark.allow_nan
+def test_unguarded():
+    assert gc.get_threshold()[0] == 700
+    print("YOUNG_UNGUARDED", young_collections())
+
+
+def test_sets_its_own():
+    gc.set_threshold(5_000, 10, 10)
+
+
+@pytest.mark.allow_nan
+def test_after():
+    assert gc.get_threshold()[0] == 5_000
+    gc.set_threshold(700, 10, 10)
+""",
+        "--nan-guard",
+        "-s",
+    )
+    result.assert_outcomes(passed=4)
+    out = result.stdout.str()
+    guarded = int(out.split("YOUNG_GUARDED ")[1].split()[0])
+    unguarded = int(out.split("YOUNG_UNGUARDED ")[1].split()[0])
+    # The same five steps: unguarded they allocate little; guarded, with the default
+    # threshold, they would set off one young collection every few hundred objects.
+    assert guarded <= 1, out
+    assert unguarded <= 2, out
+    assert "THRESHOLD 10000" in out

@@ -29,7 +29,6 @@ instead, so the module before them keeps an exact reading.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,14 +128,6 @@ def compiled_segment_stats():
     return _compiled
 
 
-@dataclass(slots=True)
-class _Slot:
-    tensor: torch.Tensor | None  # held until the flush, then dropped
-    version: int | None
-    numel: int
-    stale: bool = False
-
-
 @dataclass
 class _Chunk:
     """The device result of one flush and, on the host, which slot each row is."""
@@ -183,11 +174,17 @@ class PassReducer:
         self.budget = self.full_budget_bytes if full else self.check_budget_bytes
         if forward_bytes:
             self.budget_by(forward_bytes)  # the same share, from the last forward
-        self._slots: list[_Slot] = []
+        # Per slot, in parallel lists rather than an object each: a step notes thousands
+        # of tensors, and objects alive through a pass are what makes Python's garbage
+        # collector run (a full collection of a test process's heap takes ~0.2 s).
+        self._tensors: list[torch.Tensor | None] = []  # held until the flush, then dropped
+        self._versions: list[int | None] = []
+        self._numels: list[int] = []
+        self._stale: list[bool] = []
         self._pending: list[int] = []
         self._pending_bytes = 0
         self._chunks: list[_Chunk] = []
-        self._seen: dict[int, tuple[weakref.ref, int | None, int]] = {}
+        self._seen: dict[int, int] = {}  # id(tensor) -> its latest slot
         self._lengths: dict[tuple, torch.Tensor] = {}
         self.flushes = 0
         self.noted_bytes = 0  # over the reducer's life, for the backward budget
@@ -203,14 +200,25 @@ class PassReducer:
         key = id(tensor)
         version = _version_of(tensor)
         seen = self._seen.get(key)
-        if seen is not None and version is not None and seen[1] == version and seen[0]() is tensor:
+        # The same tensor while it is still held (an id alone may be a dead tensor's,
+        # reused at once by CPython); once reduced and let go, a later note of it is
+        # measured again, which costs a pass but is never wrong.
+        if (
+            seen is not None
+            and version is not None
+            and self._versions[seen] == version
+            and self._tensors[seen] is tensor
+        ):
             if now:
-                self.flush()  # noted earlier but maybe still pending: measure it now
-            return seen[2]
-        slot = len(self._slots)
+                self.flush()  # noted earlier and still pending: measure it now
+            return seen
+        slot = len(self._tensors)
         numel = tensor.numel()
-        self._slots.append(_Slot(tensor, version, numel))
-        self._seen[key] = (weakref.ref(tensor), version, slot)
+        self._tensors.append(tensor)
+        self._versions.append(version)
+        self._numels.append(numel)
+        self._stale.append(False)
+        self._seen[key] = slot
         self._pending.append(slot)
         nbytes = numel * tensor.element_size()
         self._pending_bytes += nbytes
@@ -226,16 +234,17 @@ class PassReducer:
         if not self._pending:
             return
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        held = self._tensors
         for slot in self._pending:
-            entry = self._slots[slot]
-            tensor = entry.tensor
-            entry.stale = entry.version is not None and _version_of(tensor) != entry.version
-            if entry.numel == 0:  # nothing to measure: finite, zero statistics
-                entry.tensor = None
+            tensor = held[slot]
+            version = self._versions[slot]
+            self._stale[slot] = version is not None and _version_of(tensor) != version
+            if self._numels[slot] == 0:  # nothing to measure: finite, zero statistics
+                held[slot] = None
                 continue
             groups.setdefault((tensor.device, tensor.dtype), []).append(slot)
         for (device, dtype), slots in groups.items():
-            tensors = [self._slots[s].tensor for s in slots]
+            tensors = [held[s] for s in slots]
             if not self.full:
                 values = self._flags(tensors, device)
             elif self._per_tensor(device):
@@ -244,7 +253,7 @@ class PassReducer:
                 values = self._full_stats(tensors, device, dtype)
             self._chunks.append(_Chunk(values, slots))
             for s in slots:
-                self._slots[s].tensor = None  # let the tensor go
+                held[s] = None  # let the tensor go
         self._pending.clear()
         self._pending_bytes = 0
         self.flushes += bool(groups)
@@ -353,11 +362,12 @@ class PassReducer:
         tensor changed in place before the reduction) or that was empty (nothing to
         measure, nothing wrong)."""
         self.flush()
-        row_of: list[int | None] = [None] * len(self._slots)
+        row_of: list[int | None] = [None] * len(self._tensors)
+        stale = self._stale
         row = 0
         for chunk in self._chunks:
             for s in chunk.slots:
-                if not self._slots[s].stale:
+                if not stale[s]:
                     row_of[s] = row
                 row += 1
-        return [c.values for c in self._chunks], row_of, [s.numel for s in self._slots]
+        return [c.values for c in self._chunks], row_of, list(self._numels)

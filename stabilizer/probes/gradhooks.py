@@ -14,6 +14,19 @@ from collections.abc import Callable
 import torch
 
 
+class _Hook:
+    """A gradient hook and the owners it credits (one object: a closure would be three)."""
+
+    __slots__ = ("owners", "_on_grad")
+
+    def __init__(self, owner, on_grad) -> None:
+        self.owners = [owner]
+        self._on_grad = on_grad
+
+    def __call__(self, grad):
+        self._on_grad(grad, self.owners)
+
+
 class SharedGradHooks:
     """``watch(tensor, owner)`` -> the hook's handle when it is new, None when the
     tensor is already hooked (the owner is added to its list). ``on_grad(grad,
@@ -23,18 +36,24 @@ class SharedGradHooks:
         self._on_grad = on_grad
         # Keyed by id, checked by a weak reference: a tensor that died leaves its id to
         # a new one (CPython reuses it at once), and the new tensor's gradient must get
-        # a hook of its own, not be credited to the dead one's owners.
-        self._owners: dict[int, tuple[weakref.ref, list]] = {}
+        # a hook of its own, not be credited to the dead one's owners. Flat dicts and
+        # one small object per tensor, no tuples: objects alive through a pass are
+        # what makes Python's garbage collector run.
+        self._refs: dict[int, weakref.ref] = {}
+        self._hooks: dict[int, _Hook] = {}
 
     def watch(self, tensor: torch.Tensor, owner):
-        entry = self._owners.get(id(tensor))
-        if entry is not None and entry[0]() is tensor:
-            entry[1].append(owner)
+        key = id(tensor)
+        ref = self._refs.get(key)
+        if ref is not None and ref() is tensor:
+            self._hooks[key].owners.append(owner)
             return None
-        owners = [owner]
-        self._owners[id(tensor)] = (weakref.ref(tensor), owners)
-        return tensor.register_hook(lambda grad: self._on_grad(grad, owners))
+        hook = _Hook(owner, self._on_grad)
+        self._refs[key] = weakref.ref(tensor)
+        self._hooks[key] = hook
+        return tensor.register_hook(hook)
 
     def forget(self) -> None:
         """Hooks already made keep their owners; later tensors start afresh."""
-        self._owners.clear()
+        self._refs.clear()
+        self._hooks.clear()
