@@ -61,7 +61,8 @@ class HostCopies:
         self._free: list[torch.Tensor] = []
 
     def start(self, flat: torch.Tensor) -> InFlight:
-        flat = flat.detach().reshape(-1).float()
+        if flat.dim() != 1 or flat.dtype != torch.float32:
+            flat = flat.detach().reshape(-1).float()  # a step's readings already are
         if flat.device.type == "cpu":
             return InFlight(flat, flat.numel(), None, None)
         if flat.device.type != "cuda":
