@@ -20,6 +20,7 @@ from test_watch import (
     Regressor,
     batches,
     classifier_batches,
+    overflowing_scaler_loop,
     quiet,
     seed_batch,
     seed_forward,
@@ -104,31 +105,14 @@ def outside_loss_loop(run_dir, judge_late):
 
 
 def amp_skip_loop(run_dir, judge_late):
-    """AMP with a GradScaler whose first scale overflows the fp16 backward: the scaler
-    skips step 0 (said out loud, not an anomaly), and the skipped step ends at the
-    next forward, not at an optimizer step."""
+    """Steps the GradScaler skips (said out loud, not anomalies): such a step ends at
+    the next forward, not at an optimizer step."""
     from rich.console import Console
 
-    model = Regressor()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)
     console = Console(record=True, width=200)
-    with stabilizer.watch(
-        model,
-        opt,
-        scaler=scaler,
-        console=console,
-        run_dir=run_dir,
-        on_anomaly="warn",
-        judge_late=judge_late,
-    ) as watch:
-        for batch in batches(3):
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = model(**batch)["loss"]
-            scaler.scale(loss * 1e4).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad()
+    watch = overflowing_scaler_loop(
+        console, run_dir=run_dir, on_anomaly="warn", judge_late=judge_late
+    )
     assert "GradScaler skipped step 0" in console.export_text()
     return watch
 
@@ -140,7 +124,7 @@ def what_the_user_is_told(watch) -> list[tuple]:
     ]
 
 
-def store_rows(run_dir) -> list[tuple]:
+def completed_run_steps(run_dir) -> list[tuple]:
     store = TraceStore.open(run_dir / "trace.db")
     try:
         steps = store.steps()
@@ -165,7 +149,7 @@ def test_a_step_judged_late_is_diagnosed_exactly_as_one_judged_in_its_step(tmp_p
     assert [a.evidence.get("same step in fp32") for a in late.anomalies] == [
         a.evidence.get("same step in fp32") for a in now.anomalies
     ]
-    assert store_rows(tmp_path / "late") == store_rows(tmp_path / "now")
+    assert completed_run_steps(tmp_path / "late") == completed_run_steps(tmp_path / "now")
 
 
 def test_the_optimizer_pass_replay_of_a_late_step_uses_that_steps_gradients(tmp_path):
@@ -196,7 +180,7 @@ def test_too_many_anomalies_stop_a_late_run_at_the_same_step_and_keep_the_next(t
         run = tmp_path / judge_late
         with pytest.raises(stabilizer.NumericalAnomalyError) as info:
             regressor_loop(run, judge_late, faults=(1,), steps=5, max_anomalies=1)
-        return info.value.anomaly, store_rows_incomplete(run)
+        return info.value.anomaly, stored_steps(run)
 
     now_anomaly, now_rows = stopped("off")
     late_anomaly, late_rows = stopped("on")
@@ -207,7 +191,7 @@ def test_too_many_anomalies_stop_a_late_run_at_the_same_step_and_keep_the_next(t
     assert late_rows[len(now_rows)][0] == now_anomaly.step + 1
 
 
-def store_rows_incomplete(run_dir) -> list[tuple]:
+def stored_steps(run_dir) -> list[tuple]:
     store = TraceStore.open(run_dir / "trace.db")
     try:
         steps = store.steps()
@@ -226,7 +210,7 @@ def test_a_crash_after_a_faulty_step_still_judges_and_stores_it(tmp_path):
 
     with pytest.raises(Crash):  # the user's error, not replaced by the held verdict
         regressor_loop(tmp_path / "run", "on", faults=(2,), after_step=after_step)
-    rows = store_rows_incomplete(tmp_path / "run")
+    rows = stored_steps(tmp_path / "run")
     assert rows == [(0, "ok"), (1, "ok"), (2, "anomaly")]
 
 
@@ -283,7 +267,7 @@ def test_stabilizer_train_judging_late_names_the_classic_failure_and_its_op(tmp_
         )
         console = quiet()
         result = train(cfg, console=console)
-        return result.trace, store_rows_incomplete(cfg.run_dir)
+        return result.trace, stored_steps(cfg.run_dir)
 
     now, now_rows = run("off")
     late, late_rows = run("on")
