@@ -269,16 +269,11 @@ class PassReducer:
         # pass, so small tensors share one multi-tensor L2 norm. A non-finite reading is
         # checked again exactly (a finite sum or square past fp32's limit); the values
         # lie on the host, so reading them is no sync.
-        large = [
-            i
-            for i, t in enumerate(tensors)
-            if t.numel() >= self.host_sum_min_numel and t.dtype != torch.float64
-        ]
-        if len(large) == len(tensors):
-            small = []
-        else:
-            chosen = set(large)
-            small = [i for i in range(len(tensors)) if i not in chosen]
+        small: list[int] = []
+        large: list[int] = []
+        for i, t in enumerate(tensors):
+            wide = t.dtype == torch.float64  # norms_float32 keeps its finite values finite
+            (large if t.numel() >= self.host_sum_min_numel and not wide else small).append(i)
         values = np.empty(len(tensors), dtype=np.float32)
         if small:
             values[small] = norms_float32([tensors[i] for i in small], 2).numpy()

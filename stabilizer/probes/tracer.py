@@ -172,10 +172,6 @@ class PendingRecord:
         self._build = build
         self._record: StepRecord | None = None
 
-    def ready(self) -> bool:
-        """True when ``result()`` would not wait for the device."""
-        return self._record is not None or self._copy.done()
-
     def result(self) -> StepRecord:
         """The step's record (waits for its copy to the host if that still runs)."""
         if self._record is None:
