@@ -20,8 +20,9 @@ from rich.console import Console
 from torch import nn
 
 import stabilizer
-from stabilizer.probes.batched import PassReducer, segment_stats
+from stabilizer.probes.batched import PassReducer, exact_norms, segment_stats
 from stabilizer.probes.opcount import PHASES, OpCounter
+from stabilizer.probes.schema import PARAM_STATS
 from stabilizer.probes.stats import tensor_stats
 from stabilizer.probes.tracer import Tracer
 
@@ -183,17 +184,18 @@ def test_check_readings_are_finite_exactly_when_the_tensor_is(strategy, sum_from
     huge_inf = huge.clone()
     huge_inf[2] = math.inf
     ts += [huge, huge_inf, torch.full((3,), 3e19).bfloat16()]
-    if strategy == "per-tensor":  # exact up to fp32's limit (L1 in fp32 would overflow)
-        ts.append(torch.tensor([3e38, 3e38]))
-        # Large tensors (a sum each on the host): +Inf beside -Inf sums to NaN, finite
-        # values that add up past fp32's limit, fp16 whose fp16 sum would overflow.
-        n = max(PassReducer.host_sum_min_numel, 64)
-        both = torch.randn(n)
-        both[0], both[-1] = math.inf, -math.inf
-        many = torch.full((n,), 3e35)
-        nan = torch.randn(n)
-        nan[n // 2] = math.nan
-        ts += [both, many, nan, torch.full((n,), 60000.0).half(), torch.randn(n).bfloat16()]
+    # Finite values that add up past fp32's limit: an L1 norm accumulated in fp32 (the
+    # GPU's check once) would call them Inf. bf16 reaches the same range.
+    ts += [torch.tensor([3e38, 3e38]), torch.full((4,), 3e38).bfloat16()]
+    # Large tensors (a sum each on the host): +Inf beside -Inf sums to NaN, finite
+    # values that add up past fp32's limit, fp16 whose fp16 sum would overflow.
+    n = max(PassReducer.host_sum_min_numel, 64)
+    both = torch.randn(n)
+    both[0], both[-1] = math.inf, -math.inf
+    many = torch.full((n,), 3e35)
+    nan = torch.randn(n)
+    nan[n // 2] = math.nan
+    ts += [both, many, nan, torch.full((n,), 60000.0).half(), torch.randn(n).bfloat16()]
     slots = [reducer.note(t) for t in ts]
     chunks, row_of, _ = reducer.finish()
     flags = torch.cat(chunks)
@@ -204,6 +206,83 @@ def test_check_readings_are_finite_exactly_when_the_tensor_is(strategy, sum_from
         assert bool(torch.isfinite(flags[row_of[slot]])) == bool(torch.isfinite(t).all())
     # fp16 values near the limit do not overflow the fp32 accumulation.
     assert torch.isfinite(flags[row_of[slots[1]]])
+
+
+def edge_tensors() -> list[torch.Tensor]:
+    """Finite tensors whose fp32 L1 or L2 norm overflows, beside truly non-finite ones."""
+    out = [
+        torch.tensor([1e20, 1.0]),  # its square overflows fp32: an exploding gradient
+        torch.tensor([3e38, 3e38]),  # its sum overflows fp32
+        torch.full((4,), 3e38).bfloat16(),
+        torch.full((100,), 60000.0).half(),
+        torch.tensor([1e100, 1.0], dtype=torch.float64),
+        torch.randn(7),
+    ]
+    for value in (math.nan, math.inf, -math.inf):
+        bad = torch.full((5,), 1e20)
+        bad[3] = value
+        out += [bad, bad.bfloat16()]
+    return out
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_norms_are_non_finite_exactly_where_a_tensor_holds_nan_or_inf(host, order):
+    # host=False runs what a GPU runs (the norm accumulated in float64), here on the CPU.
+    ts = edge_tensors()
+    if host:  # float64 squares past its own range: checked again on the host
+        ts.append(torch.tensor([1e300, 1.0], dtype=torch.float64))
+    norms = exact_norms(ts, order, host=host)
+    assert norms.shape == (len(ts),)
+    for t, norm in zip(ts, norms, strict=True):
+        assert bool(torch.isfinite(norm)) == bool(torch.isfinite(t).all()), t
+    finite = [i for i, t in enumerate(ts) if torch.isfinite(t).all()]
+    wanted = torch.stack([torch.linalg.vector_norm(ts[i].double(), order) for i in finite])
+    if host:  # float32, a norm past its range clamped to its largest value
+        wanted = wanted.clamp(max=torch.finfo(torch.float32).max).float()
+    torch.testing.assert_close(norms[finite], wanted.to(norms.dtype), rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_norms_accumulate_past_fp32s_range_in_one_fused_op():
+    """CUDA's multi-tensor norm accumulates in the output's type: float64 keeps huge
+    finite tensors finite, as one op for the list (benchmarks/gpu.sh runs this)."""
+    ts = [t.cuda() for t in edge_tensors()]
+    counter = OpCounter()
+    with counter:
+        norms = exact_norms(ts, 1)
+    assert norms.dtype == torch.float64 and norms.device.type == "cuda"
+    flags = torch.isfinite(norms).cpu().tolist()
+    assert flags == [bool(torch.isfinite(t).all()) for t in ts]
+    assert counter.total() <= 2  # the multi-tensor norm and its stack
+
+
+@pytest.mark.parametrize("strategy", ["multi-tensor", "per-tensor"])
+def test_huge_finite_gradients_are_not_reported_as_nan(strategy, monkeypatch):
+    """Inputs of 1e18 and a loss scaled by 1e6 make weight gradients of ~1e23: finite,
+    but their squares overflow fp32, so an fp32 norm (what the step's gradient check
+    once was) reads Inf. The step is clean on check and full steps; a true Inf in the
+    loss is still caught."""
+    monkeypatch.setattr(PassReducer, "strategy", strategy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(4, 8) * 1e18
+    col = PARAM_STATS.index("grad_norm")
+    with Tracer(model, optimizer=opt) as tracer:
+        for step, full, scale in [(0, False, 1e6), (1, True, 1e6), (2, False, math.inf)]:
+            tracer.begin_step(step, full=full)
+            loss = model(x).mean() * scale
+            loss.backward()
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters()) == (scale < 1e9)
+            opt.step()
+            record = tracer.end_step(loss=loss)
+            opt.zero_grad()
+            if scale < 1e9:
+                assert record.clean, step
+                assert np.nanmax(record.param_stats[:, col]) > 1e20, step  # large, finite
+            else:
+                assert not record.grads_finite
 
 
 def test_a_tensor_seen_by_several_probes_is_measured_once():

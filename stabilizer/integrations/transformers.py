@@ -98,7 +98,7 @@ from stabilizer.detector.policy import NumericalAnomalyError
 from stabilizer.detector.replay import RecordedStep, loss_of, scale_of
 from stabilizer.errors import ConfigError
 from stabilizer.preflight import gate, preflight
-from stabilizer.probes.batched import norms_float32
+from stabilizer.probes.batched import exact_norms
 from stabilizer.watcher import _unwrap_optimizer
 
 _SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -298,7 +298,7 @@ class StabilizerCallback(TrainerCallback):
             self._grad_scale = scale_of(scaler)  # before AcceleratedOptimizer's update()
         grads = [p.grad for p in self._trainable if p.grad is not None]
         # On the device: the step's one host copy happens in end_step.
-        self._grad_norm = torch.linalg.vector_norm(norms_float32(grads)) if grads else None
+        self._grad_norm = torch.linalg.vector_norm(exact_norms(grads)) if grads else None
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.session is None:

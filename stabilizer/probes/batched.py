@@ -5,8 +5,8 @@ root module's forward returns, autograd finishes a backward, the step ends), or
 when the noted tensors pass a memory budget, everything noted is reduced at once:
 
 - check steps: ``torch._foreach_norm(ord=1)`` per (device, dtype) group. An L1 norm
-  is finite exactly when every element is, and it accumulates in fp32, so finite
-  fp16/bf16 values never overflow it. One op (a multi-tensor kernel on a GPU) for
+  is finite exactly when every element is, and it accumulates in float64, so no
+  finite fp16/bf16/fp32 values overflow it. One op (a multi-tensor kernel on a GPU) for
   the whole group, however many modules fired. In host memory the L2 norm is used
   instead (vectorised, half the time of L1 on a CPU) and the rare non-finite norm
   is checked again exactly, which on the host costs no sync.
@@ -65,11 +65,10 @@ def _finite_float32(values: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(values), clamped, values).astype(np.float32)
 
 
-def norms_float32(tensors: list[torch.Tensor], order: int = 2) -> torch.Tensor:
-    """Per-tensor norms as one float32 vector, by multi-tensor ops. float64 tensors are
-    reduced in float64 (torch refuses to narrow a float64 norm) and a finite norm stays
-    finite (clamped to float32's largest value): non-finite still means the tensor held
-    NaN/Inf. A list without float64 takes one op."""
+def _norms_float32(tensors: list[torch.Tensor], order: int = 2) -> torch.Tensor:
+    """Per-tensor norms as one float32 vector, by multi-tensor ops, accumulated in
+    float32 (float64 tensors in float64, a finite norm clamped to float32's largest
+    value). A finite tensor's norm can still overflow: see :func:`exact_norms`."""
     wide = [t.dtype == torch.float64 for t in tensors]
     if not any(wide):
         return torch.stack(torch._foreach_norm(tensors, order, dtype=torch.float32))
@@ -80,6 +79,46 @@ def norms_float32(tensors: list[torch.Tensor], order: int = 2) -> torch.Tensor:
     narrow = [t for t, w in zip(tensors, wide, strict=True) if not w]
     narrow_norms = iter(torch._foreach_norm(narrow, order, dtype=torch.float32) if narrow else [])
     return torch.stack([next(wide_norms) if w else next(narrow_norms) for w in wide])
+
+
+def _recheck_on_host(tensors: list[torch.Tensor], norms: torch.Tensor, order: int) -> torch.Tensor:
+    """``norms`` (host memory) with each non-finite one that only overflowed (its tensor
+    is finite) measured again in float64, clamped to float32's largest value. Reading
+    host values is no sync (tolist(): not even an op); the rare recheck costs one more
+    pass over one tensor."""
+    for i, value in enumerate(norms.tolist()):
+        if not math.isfinite(value) and bool(torch.isfinite(tensors[i]).all()):
+            wide = float(torch.linalg.vector_norm(tensors[i].double(), order))
+            norms[i] = min(wide, _FLOAT32_MAX) if math.isfinite(wide) else _FLOAT32_MAX
+    return norms
+
+
+def exact_norms(tensors: list[torch.Tensor], order: int = 2, *, host: bool | None = None):
+    """Per-tensor norms, one vector, non-finite exactly where a tensor holds NaN/Inf.
+
+    A norm accumulated in float32 overflows on finite values: squares past 1.8e19 (an
+    exploding gradient long before it is Inf), sums past 3.4e38 (bf16 and fp32 reach
+    that). Called non-finite, such a tensor would be reported as NaN/Inf where there is
+    none, and "first" would name the wrong module. So:
+
+    - in host memory (``host``, default: every tensor on the CPU): float32 norms, the
+      fast ones there, and the rare non-finite one checked again exactly;
+    - on a device: accumulated in float64 inside the same multi-tensor kernel (CUDA's
+      ``_foreach_norm`` accumulates in the output's type: no copy, no extra op), which
+      no finite fp16/bf16/fp32 tensor can overflow (float64 tensors keep float64's own
+      limit, ~1e154 for a square). The vector is float64: a norm past float32's range
+      stays finite on its way to the host. MPS has no float64: there the float32 norm
+      is used (values past fp32's range read as non-finite).
+
+    The values are the norms themselves, for display (clamped to float32's largest
+    value where they exceed it, in host memory)."""
+    if host is None:
+        host = all(t.device.type == "cpu" for t in tensors)
+    if host:
+        return _recheck_on_host(tensors, _norms_float32(tensors, order), order)
+    if any(t.device.type == "mps" for t in tensors):
+        return _norms_float32(tensors, order)
+    return torch.stack(torch._foreach_norm(tensors, order, dtype=torch.float64))
 
 
 def segment_stats(flat: torch.Tensor, lengths: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -261,7 +300,8 @@ class PassReducer:
 
     def _flags(self, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         if device.type != "cpu" or not self._per_tensor(device):
-            return norms_float32(tensors, 1)
+            # What a GPU runs: one multi-tensor L1 norm, accumulated in float64.
+            return exact_norms(tensors, 1, host=False)
         # Host memory, where the cost is the one pass a check step makes over every
         # tensor. A sum is finite exactly when every element is, short of overflowing,
         # and it is the fastest pass there is (about twice the L2 norm's speed, four
@@ -272,11 +312,11 @@ class PassReducer:
         small: list[int] = []
         large: list[int] = []
         for i, t in enumerate(tensors):
-            wide = t.dtype == torch.float64  # norms_float32 keeps its finite values finite
+            wide = t.dtype == torch.float64  # _norms_float32 keeps its finite values finite
             (large if t.numel() >= self.host_sum_min_numel and not wide else small).append(i)
         values = np.empty(len(tensors), dtype=np.float32)
         if small:
-            values[small] = norms_float32([tensors[i] for i in small], 2).numpy()
+            values[small] = _norms_float32([tensors[i] for i in small], 2).numpy()
         if large:
             # fp16 sums overflow at 65504: accumulate and return them in fp32.
             sums = [

@@ -36,7 +36,8 @@ class InFlight:
         return self._values is not None or self._event is None or self._event.query()
 
     def wait(self) -> np.ndarray:
-        """The readings as a float32 numpy array (waits for the copy if it still runs)."""
+        """The readings as a numpy array, float32 or float64 as copied (waits for the copy if
+        it still runs)."""
         if self._values is None:
             if self._event is not None:
                 self._event.synchronize()  # the step's deliberate sync, a step late
@@ -61,25 +62,25 @@ class HostCopies:
         self._free: list[torch.Tensor] = []
 
     def start(self, flat: torch.Tensor) -> InFlight:
-        if flat.dim() != 1 or flat.dtype != torch.float32:
+        if flat.dim() != 1 or flat.dtype not in (torch.float32, torch.float64):
             flat = flat.detach().reshape(-1).float()  # a step's readings already are
         if flat.device.type == "cpu":
             return InFlight(flat, flat.numel(), None, None)
         if flat.device.type != "cuda":
             return InFlight(flat.cpu(), flat.numel(), None, None)  # blocking: no events
-        host = self._borrow(flat.numel())
+        host = self._borrow(flat.numel(), flat.dtype)
         host[: flat.numel()].copy_(flat, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(flat.device))
         return InFlight(host, flat.numel(), event, self)
 
-    def _borrow(self, numel: int) -> torch.Tensor:
+    def _borrow(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         for i, buffer in enumerate(self._free):
-            if buffer.numel() >= numel:
+            if buffer.numel() >= numel and buffer.dtype == dtype:
                 return self._free.pop(i)
         # Headroom: full steps and check steps differ in size, and a module called
         # once more than before must not cost a new allocation.
-        return torch.empty(max(2 * numel, 1024), dtype=torch.float32, pin_memory=True)
+        return torch.empty(max(2 * numel, 1024), dtype=dtype, pin_memory=True)
 
     def give_back(self, buffer: torch.Tensor) -> None:
         self._free.append(buffer)

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from stabilizer.errors import ConfigError
-from stabilizer.probes.batched import RAW_WIDTH, PassReducer, measurable, norms_float32
+from stabilizer.probes.batched import RAW_WIDTH, PassReducer, exact_norms, measurable
 from stabilizer.probes.gradhooks import SharedGradHooks
 from stabilizer.probes.hostcopy import HostCopies, InFlight
 from stabilizer.probes.naming import describe, strip_peft
@@ -599,7 +599,7 @@ class Tracer:
         ]
         # One fused norm per list; a NaN/Inf element makes its norm NaN/Inf, which is
         # the per-tensor finiteness flag (no separate kernel per tensor).
-        norms = norms_float32(grads)
+        norms = exact_norms(grads)
         self._param_device["grad_norm"] = norms
         self._param_device["grad_nonfinite"] = norms
         if self._full:
@@ -611,13 +611,13 @@ class Tracer:
         if not self._param_tensors:
             return
         weights = self._param_tensors
-        norms = norms_float32(weights)
+        norms = exact_norms(weights)
         self._param_device["weight_norm"] = norms
         self._param_device["weight_nonfinite"] = norms
         if self._snapshot is not None:
             deltas = torch._foreach_sub(weights, self._snapshot)
-            delta = norms_float32(deltas)
-            base = norms_float32(self._snapshot)
+            delta = exact_norms(deltas)
+            base = exact_norms(self._snapshot)
             # A tensor that starts at exactly zero (lora_B) has no update ratio on its
             # first step: dividing by a clamped 0 would call every healthy step huge. (The
             # division itself never sees 0: no 0/0 for an op-level NaN watch to report.)
@@ -686,7 +686,10 @@ class Tracer:
             parts.append(chunk.reshape(-1))
             layout.append(("readings", None, chunk.numel()))
         for stat, value in self._param_device.items():
-            parts.append(value.reshape(-1).float())
+            # float64 where exact_norms made it so: a finite norm past fp32's range
+            # stays finite (the one copy then carries float64; it is a few KB).
+            wide = value.dtype == torch.float64
+            parts.append(value.reshape(-1) if wide else value.reshape(-1).float())
             layout.append(("param", stat, value.numel()))
         notes = _StepNotes(
             step=self._step,
