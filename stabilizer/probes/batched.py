@@ -7,9 +7,10 @@ when the noted tensors pass a memory budget, everything noted is reduced at once
 - check steps: ``torch._foreach_norm(ord=1)`` per (device, dtype) group. An L1 norm
   is finite exactly when every element is, and it accumulates in float64, so no
   finite fp16/bf16/fp32 values overflow it. One op (a multi-tensor kernel on a GPU) for
-  the whole group, however many modules fired. In host memory the L2 norm is used
-  instead (vectorised, half the time of L1 on a CPU) and the rare non-finite norm
-  is checked again exactly, which on the host costs no sync.
+  the whole group, however many modules fired. In host memory a sum per large
+  tensor and one shared L2 norm for the small ones are used instead (the fastest
+  passes on a CPU), and the rare non-finite reading is checked again exactly, which
+  on the host costs no sync.
 - full steps: the group is flattened into one buffer (``torch._chunk_cat``) and
   every statistic is one segmented reduction over it (``torch.segment_reduce``):
   a fixed number of ops per statistic, not per tensor.
@@ -81,15 +82,23 @@ def _norms_float32(tensors: list[torch.Tensor], order: int = 2) -> torch.Tensor:
     return torch.stack([next(wide_norms) if w else next(narrow_norms) for w in wide])
 
 
+def _overflowed(tensors: list[torch.Tensor], readings: list[float]) -> list[int]:
+    """Positions whose host reading is non-finite while their tensor is finite: a sum or
+    square past fp32's range, not NaN/Inf. Checked exactly, one pass over just those."""
+    return [
+        i
+        for i, value in enumerate(readings)
+        if not math.isfinite(value) and bool(torch.isfinite(tensors[i]).all())
+    ]
+
+
 def _recheck_on_host(tensors: list[torch.Tensor], norms: torch.Tensor, order: int) -> torch.Tensor:
-    """``norms`` (host memory) with each non-finite one that only overflowed (its tensor
-    is finite) measured again in float64, clamped to float32's largest value. Reading
-    host values is no sync (tolist(): not even an op); the rare recheck costs one more
-    pass over one tensor."""
-    for i, value in enumerate(norms.tolist()):
-        if not math.isfinite(value) and bool(torch.isfinite(tensors[i]).all()):
-            wide = float(torch.linalg.vector_norm(tensors[i].double(), order))
-            norms[i] = min(wide, _FLOAT32_MAX) if math.isfinite(wide) else _FLOAT32_MAX
+    """``norms`` (host memory) with each one that only overflowed measured again in
+    float64, clamped to float32's largest value. Reading host values is no sync
+    (tolist(): not even an op)."""
+    for i in _overflowed(tensors, norms.tolist()):
+        wide = float(torch.linalg.vector_norm(tensors[i].double(), order))
+        norms[i] = min(wide, _FLOAT32_MAX) if math.isfinite(wide) else _FLOAT32_MAX
     return norms
 
 
@@ -324,9 +333,8 @@ class PassReducer:
                 for i in large
             ]
             values[large] = torch.stack(sums).float().numpy()
-        for i in np.flatnonzero(~np.isfinite(values)):
-            if bool(torch.isfinite(tensors[i]).all()):
-                values[i] = _FLOAT32_MAX  # finite, only too large to add up or square
+        # Finite, only too large to add up or square: a flag needs no exact value.
+        values[_overflowed(tensors, values.tolist())] = _FLOAT32_MAX
         return torch.from_numpy(values)
 
     def _per_tensor(self, device: torch.device) -> bool:
