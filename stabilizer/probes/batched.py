@@ -59,13 +59,6 @@ def measurable(tensor: torch.Tensor) -> bool:
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-def _finite_float32(values: np.ndarray) -> np.ndarray:
-    """float64 statistics as float32 with finite values kept finite (clamped)."""
-    limit = float(_FLOAT32_MAX)
-    clamped = np.clip(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), -limit, limit)
-    return np.where(np.isfinite(values), clamped, values).astype(np.float32)
-
-
 def _norms_float32(tensors: list[torch.Tensor], order: int = 2) -> torch.Tensor:
     """Per-tensor norms as one float32 vector, by multi-tensor ops, accumulated in
     float32 (float64 tensors in float64, a finite norm clamped to float32's largest
@@ -102,6 +95,14 @@ def _recheck_on_host(tensors: list[torch.Tensor], norms: torch.Tensor, order: in
     return norms
 
 
+def _wide_l2_and_sum(tensor: torch.Tensor, absmax: float) -> tuple[float, float]:
+    """A finite tensor's L2 norm and sum in float64, the norm scaled by its largest
+    magnitude so that even float64 squares cannot overflow (one tensor, rarely)."""
+    wide = tensor.double()
+    scale = absmax if absmax > 0 else 1.0
+    return float(torch.linalg.vector_norm(wide / scale)) * scale, float(wide.sum())
+
+
 def exact_norms(tensors: list[torch.Tensor], order: int = 2, *, host: bool | None = None):
     """Per-tensor norms, one vector, non-finite exactly where a tensor holds NaN/Inf.
 
@@ -131,21 +132,27 @@ def exact_norms(tensors: list[torch.Tensor], order: int = 2, *, host: bool | Non
 
 
 def segment_stats(flat: torch.Tensor, lengths: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``(len(lengths), RAW_WIDTH)`` fp32 ``[absmax, l2, sum, nan, inf, near]`` rows of
-    the consecutive segments of ``flat`` (shape ``(1, N)``): one op per statistic."""
+    """``(len(lengths), RAW_WIDTH)`` ``[absmax, l2, sum, nan, inf, near]`` rows of the
+    consecutive segments of ``flat`` (shape ``(1, N)``): one op per statistic.
+
+    The squares and the sum accumulate in float64 (the rows are float64): fp32 squares
+    overflow at 1.8e19, and a finite exploding tensor must not read as Inf (the stack
+    promotes the other columns). MPS has no float64: there they stay fp32 (such values
+    read as Inf)."""
     x = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    wide = x if x.device.type == "mps" else x.double()
 
     def per_tensor(values: torch.Tensor, how: str = "sum") -> torch.Tensor:
         return torch.segment_reduce(values, how, lengths=lengths, axis=1)[0]
 
     a = x.abs()
     absmax = per_tensor(a, "max")
-    l2 = per_tensor(x * x).sqrt()
-    total = per_tensor(x)
+    l2 = per_tensor(wide * wide).sqrt()
+    total = per_tensor(wide)
     nan = per_tensor(torch.isnan(x).to(x.dtype))
     inf = per_tensor(torch.isinf(a).to(x.dtype))
     near = per_tensor((a > threshold).to(x.dtype))
-    return torch.stack([absmax, l2, total, nan, inf, near], dim=1).float()
+    return torch.stack([absmax, l2, total, nan, inf, near], dim=1)  # promoted to float64
 
 
 _compiled = None
@@ -371,17 +378,20 @@ class PassReducer:
                 squared.append(False)
         # 16/32-bit ends are exact in float32 (numpy has no bfloat16).
         low, high = (torch.stack(ends).to(totals[0].dtype).numpy() for ends in (lows, highs))
-        total, l2 = torch.stack(totals).numpy(), torch.stack(norms).numpy()
+        total = torch.stack(totals).numpy().astype(np.float64)
+        l2 = torch.stack(norms).numpy().astype(np.float64)
         l2[squared] = np.sqrt(l2[squared])
-        rows = np.zeros((len(tensors), RAW_WIDTH), dtype=np.float32)
-        absmax = np.maximum(np.abs(low), np.abs(high))  # NaN stays NaN
-        if wide:  # float64 readings narrowed to float32 with finite values kept finite
-            absmax, total, l2 = _finite_float32(absmax), _finite_float32(total), _finite_float32(l2)
-        rows[:, 0], rows[:, 1], rows[:, 2] = absmax, l2, total
+        rows = np.zeros((len(tensors), RAW_WIDTH), dtype=np.float64)
+        rows[:, 0] = np.maximum(np.abs(low), np.abs(high))  # NaN stays NaN
+        rows[:, 1], rows[:, 2] = l2, total
         threshold = near_limit_threshold(dtype)
-        for i in np.flatnonzero(~np.isfinite(l2)):
+        for i in np.flatnonzero(~(np.isfinite(l2) & np.isfinite(total))):
             rows[i, 3] = float(torch.isnan(tensors[i]).sum())
             rows[i, 4] = float(torch.isinf(tensors[i]).sum())
+            if rows[i, 3] == rows[i, 4] == 0:
+                # Finite, only squared or added up past the accumulator's range (an
+                # exploding activation before it is Inf): measured again exactly.
+                rows[i, 1], rows[i, 2] = _wide_l2_and_sum(tensors[i], rows[i, 0])
         if threshold is not None:
             for i in np.flatnonzero(np.nan_to_num(rows[:, 0]) > threshold):
                 rows[i, 5] = float((tensors[i].abs() > threshold).sum())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 _WIDE = (torch.float32, torch.float64)
@@ -26,50 +25,32 @@ def near_limit_threshold(dtype: torch.dtype) -> float | None:
 
 
 def tensor_stats(t: torch.Tensor) -> torch.Tensor:
-    """``[absmax, l2, sum, nan, inf, near]`` as a float32 device tensor of 6.
+    """``[absmax, l2, sum, nan, inf, near]`` as a float64 device tensor of 6.
 
     The definition of a full step's raw statistics, one tensor at a time; the tracer
     computes the same numbers for a whole pass at once (:mod:`stabilizer.probes.batched`).
+    The L2 norm and the sum accumulate in float64: finite values past 1.8e19 (an
+    exploding activation long before it is Inf) square past fp32's range, and an RMS
+    read as Inf would look like an Inf the tensor does not hold.
 
     The host turns l2 and sum into RMS and mean with the element count it knows,
     so several calls of one module in one step combine exactly.
     """
     with torch.no_grad():  # not detach(): an op fewer, and invisible to autograd
         threshold = near_limit_threshold(t.dtype)
-        x = t if t.dtype in _WIDE else t.float()  # fp16 sums overflow long before values
-        absmax = torch.linalg.vector_norm(x, ord=math.inf)
-        l2 = torch.linalg.vector_norm(x)
-        total = x.sum()
-        # Counted straight into fp32: no int64 result to convert before the stack.
-        nan = torch.isnan(x).sum(dtype=torch.float32)
-        inf = torch.isinf(x).sum(dtype=torch.float32)
+        x = t if t.dtype in _WIDE else t.float()
+        wide = t.double()
+        absmax = torch.linalg.vector_norm(x, ord=math.inf).double()
+        l2 = torch.linalg.vector_norm(wide)
+        total = wide.sum()
+        nan = torch.isnan(x).sum(dtype=torch.float64)
+        inf = torch.isinf(x).sum(dtype=torch.float64)
         near = (
-            (x.abs() > threshold).sum(dtype=torch.float32)
+            (x.abs() > threshold).sum(dtype=torch.float64)
             if threshold is not None
             else torch.zeros_like(nan)
         )
         return torch.stack([absmax, l2, total, nan, inf, near])
-
-
-def finish_stats(raw: np.ndarray, numel: float) -> np.ndarray:
-    """Host side: ``[absmax, l2, sum, nan, inf, near]`` -> ``TENSOR_STATS`` values."""
-    absmax, l2, total, nan, inf, near = (float(v) for v in raw)
-    n = max(numel, 1.0)
-    return np.array([absmax, l2 / math.sqrt(n), total / n, nan, inf, near / n])
-
-
-def combine_raw(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Merge two raw stat vectors of calls of one module within a step."""
-    return np.array(
-        [
-            max(a[0], b[0]),
-            math.hypot(a[1], b[1]),
-            a[2] + b[2],
-            a[3] + b[3],
-            a[4] + b[4],
-            a[5] + b[5],
-        ]
-    )
 
 
 def first_float_tensor(value) -> torch.Tensor | None:
