@@ -7,9 +7,9 @@ when the noted tensors pass a memory budget, everything noted is reduced at once
 - check steps: ``torch._foreach_norm(ord=1)`` per (device, dtype) group. An L1 norm
   is finite exactly when every element is, and it accumulates in float64, so no
   finite fp16/bf16/fp32 values overflow it. One op (a multi-tensor kernel on a GPU) for
-  the whole group, however many modules fired. In host memory a sum per large
-  tensor and one shared L2 norm for the small ones are used instead (the fastest
-  passes on a CPU), and the rare non-finite reading is checked again exactly, which
+  the whole group, however many modules fired. In host memory a sum per tensor is
+  used instead (the fastest pass on a CPU, which runs a multi-tensor op one tensor
+  at a time anyway), and the rare non-finite reading is checked again exactly, which
   on the host costs no sync.
 - full steps: the group is flattened into one buffer (``torch._chunk_cat``) and
   every statistic is one segmented reduction over it (``torch.segment_reduce``):
@@ -217,10 +217,6 @@ class PassReducer:
     # single-pass ops per tensor with counts only where a tensor needs them, check
     # flags by the faster L2 norm) or "auto" (by device).
     strategy = "auto"
-    # Check steps on a CPU: tensors this large get a sum each, smaller ones share one
-    # multi-tensor norm. Measured on 2 cores: below ~96K elements the sum's op (and,
-    # past 32K, its split over threads) costs more than it saves; 2x faster at 1M.
-    host_sum_min_numel = 98_304
 
     def __init__(
         self, full: bool, *, compiled: bool = False, forward_bytes: int | None = None
@@ -320,29 +316,21 @@ class PassReducer:
             return exact_norms(tensors, 1, host=False)
         # Host memory, where the cost is the one pass a check step makes over every
         # tensor. A sum is finite exactly when every element is, short of overflowing,
-        # and it is the fastest pass there is (about twice the L2 norm's speed, four
-        # times L1's); below host_sum_min_numel the op per tensor costs more than the
-        # pass, so small tensors share one multi-tensor L2 norm. A non-finite reading is
-        # checked again exactly (a finite sum or square past fp32's limit); the values
-        # lie on the host, so reading them is no sync.
-        small: list[int] = []
-        large: list[int] = []
-        for i, t in enumerate(tensors):
-            wide = t.dtype == torch.float64  # _norms_float32 keeps its finite values finite
-            (large if t.numel() >= self.host_sum_min_numel and not wide else small).append(i)
-        values = np.empty(len(tensors), dtype=np.float32)
-        if small:
-            values[small] = _norms_float32([tensors[i] for i in small], 2).numpy()
-        if large:
-            # fp16 sums overflow at 65504: accumulate and return them in fp32.
-            sums = [
-                tensors[i].sum(dtype=torch.float32 if tensors[i].dtype == torch.float16 else None)
-                for i in large
-            ]
-            values[large] = torch.stack(sums).float().numpy()
-        # Finite, only too large to add up or square: a flag needs no exact value.
-        values[_overflowed(tensors, values.tolist())] = _FLOAT32_MAX
-        return torch.from_numpy(values)
+        # and it is the fastest pass there is (twice the L2 norm's speed on large
+        # tensors, and no slower on small ones: a CPU runs a multi-tensor norm one
+        # tensor at a time anyway). A non-finite sum is checked again exactly (finite
+        # values that add up past the dtype's limit); the sums lie on the host, so
+        # reading them is no sync. A group is one dtype: fp16 accumulates in fp32
+        # (its own sums overflow at 65504), the rest in their own type.
+        wide = {"dtype": torch.float32} if tensors[0].dtype == torch.float16 else {}
+        sums = torch.stack([t.sum(**wide) for t in tensors])
+        if sums.dtype not in (torch.float32, torch.float64):
+            sums = sums.float()
+        values = sums.numpy()
+        if not np.isfinite(values).all():
+            # Finite, only too large to add up: a flag needs no exact value.
+            values[_overflowed(tensors, values.tolist())] = np.finfo(values.dtype).max
+        return sums
 
     def _per_tensor(self, device: torch.device) -> bool:
         if self.strategy == "auto":
