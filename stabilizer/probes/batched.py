@@ -215,7 +215,7 @@ class PassReducer:
     # what a GPU, where launches are the cost, runs), "per-tensor" (host memory, where
     # the cost is passes over memory, not launches: full statistics by three
     # single-pass ops per tensor with counts only where a tensor needs them, check
-    # flags by the faster L2 norm) or "auto" (by device).
+    # flags by one sum per tensor) or "auto" (by device).
     strategy = "auto"
 
     def __init__(
