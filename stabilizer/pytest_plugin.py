@@ -24,7 +24,11 @@ kernel); at the end of each outermost forward, each backward and around each
 optimizer step, everything noted is reduced by one multi-tensor op and read once
 (:mod:`stabilizer.probes.batched`, the tracing core's reducer). The first failure
 is then found in the order the hooks fired, and only its details (input abs-max
-and mean, NaN/Inf counts, the module's parameters) are computed. The checks run
+and mean, NaN/Inf counts, the module's parameters) are computed. A large pass is
+reduced in pieces of a small share of the last forward's bytes, and each piece is
+read and judged (in firing order) when it is reduced, so a call's tensors, kept
+to describe a failure, are let go then: a guarded pass holds about one piece of
+them, not all (on a GPU, one host read per piece). The checks run
 under ``no_grad``: nothing is saved for backward, so activation checkpointing
 sees the same forward with or without the guard.
 """
@@ -422,6 +426,7 @@ class _Guard:
         self._new_reducer = lambda: PassReducer(full=False, forward_bytes=self.forward_bytes)
         self.forward_bytes = None
         self.reducer = self._new_reducer()
+        self.flushes_judged = 0  # the reducer's flushes whose settled calls are judged
         if model is not None:
             self.scope, self.scope_params = set(), set()
             self.add_scope(model)
@@ -575,6 +580,8 @@ class _Guard:
                     self._watch_grad(t, ("in", key, event.call))
         if self.open_calls == 0:
             self._judge()  # the outermost forward returned: judge it as a whole
+        elif self.reducer.flushes != self.flushes_judged:
+            self._judge_settled()  # a budget flush: judge the calls it settled
         return None
 
     def _ignored(self, module, path: str) -> bool:
@@ -634,16 +641,17 @@ class _Guard:
             for side, key, call in owners:
                 path, module = names[key]
                 self.grad_events.append((side, module, path, call, slot, grad))
+            if self.reducer.flushes != self.flushes_judged:
+                self._judge_settled_grads()  # a budget flush: judge what it settled
 
     def _open_backward(self) -> None:
         # The forward is complete: judge it, then judge this backward when autograd
         # finishes it (queue_callback runs at the end of the current backward).
-        if self.reducer is not None:
-            self.forward_bytes = self.reducer.noted_bytes or None
         self._judge()
         if self.reducer is not None:
             self.reducer.budget_by(self.forward_bytes)
         self.in_backward = True
+        self.grad_out_ok = {}  # per backward: its gradients may be judged in batches
 
         def end_of_backward() -> None:
             self.in_backward = False
@@ -666,19 +674,87 @@ class _Guard:
                 # op line of a later failure must be that failure's own first op.
                 self.watch.first = None
 
-    def _judge_pass(self) -> None:
-        reducer, self.reducer = self.reducer, self._new_reducer()
-        done, self.done = self.done, []
-        grads, self.grad_events = self.grad_events, []
-        if self.failure is not None or not (done or grads):
+    def _judge_settled(self) -> None:
+        """Judge, in order, the returned calls of a running forward whose readings a
+        budget flush has settled, and let their tensors go: a call keeps its inputs,
+        outputs and arguments (to describe a failure) only until it is judged, so a
+        guarded forward holds about one budget of them, not every call's."""
+        reducer = self.reducer
+        self.flushes_judged = reducer.flushes
+        settled = reducer.settled
+        ready = 0
+        for event in self.done:
+            if max(event.in_slots + event.out_slots, default=-1) >= settled:
+                break
+            ready += 1
+        if not ready or self.failure is not None:
             return
-        chunks, row_of, _ = reducer.finish()
-        values = self._read(chunks)  # the one read of this pass
+        events, self.done = self.done[:ready], self.done[ready:]
+        with self._unwatched():
+            chunks, row_of = reducer.readings()
+            self._judge_forward(events, self._bad_slot(chunks, row_of))
+
+    def _judge_settled_grads(self) -> None:
+        """As :meth:`_judge_settled`, for a running backward's gradients: each is held
+        (to describe a failure) only until a flush has settled and judged it."""
+        reducer = self.reducer
+        self.flushes_judged = reducer.flushes
+        settled = reducer.settled
+        ready = 0
+        for event in self.grad_events:
+            if event[4] >= settled:
+                break
+            ready += 1
+        if not ready or self.failure is not None:
+            return
+        grads, self.grad_events = self.grad_events[:ready], self.grad_events[ready:]
+        with self._unwatched():
+            chunks, row_of = reducer.readings()
+            self._judge_grads(grads, self._bad_slot(chunks, row_of))
+
+    def _bad_slot(self, chunks, row_of):
+        values = self._read(chunks)  # one read (on a GPU, the one sync) for these slots
 
         def bad(slot: int) -> bool:
             row = row_of[slot]  # None: changed in place before the reduction (unknown)
             return row is not None and self._bad_reading(float(values[row]))
 
+        return bad
+
+    def _judge_pass(self) -> None:
+        reducer = self.reducer
+        done, self.done = self.done, []
+        grads, self.grad_events = self.grad_events, []
+        if done and not grads and reducer.noted_bytes:
+            # A forward: its bytes budget the passes after it (a small share of them
+            # held); the first forward of a test has the reducer's fixed budget.
+            self.forward_bytes = reducer.noted_bytes
+        self.reducer = self._new_reducer()
+        self.flushes_judged = 0
+        if self.failure is not None or not (done or grads):
+            return
+        chunks, row_of, _ = reducer.finish()
+        bad = self._bad_slot(chunks, row_of)  # the one read of this pass
+        if not self._judge_forward(done, bad):
+            self._judge_grads(grads, bad)
+
+    def _judge_grads(self, grads: list, bad) -> bool:
+        """Judge gradients in the order they came (a module's gradient w.r.t. its output
+        comes before the one w.r.t. its input); True at a failure."""
+        grad_out_ok = self.grad_out_ok  # kept across the batches of one backward
+        for side, module, path, call, slot, grad in grads:
+            key = (id(module), call)
+            if key in self.fwd_bad:
+                continue  # its forward was already non-finite
+            if side == "out":
+                grad_out_ok[key] = grad_out_ok.get(key, True) and not bad(slot)
+            elif grad_out_ok.get(key, True) and bad(slot):
+                self._fail(self._backward_message(module, path, call, grad))
+                return True
+        return False
+
+    def _judge_forward(self, done: list, bad) -> bool:
+        """Judge returned forward calls in the order they returned; True at a failure."""
         for event in done:
             ignored = self._ignored(event.module, event.path)
             out_bad = [t for t, s in zip(event.outputs, event.out_slots, strict=True) if bad(s)]
@@ -689,21 +765,12 @@ class _Guard:
                 self.ignored_bad = event.number
             elif out_bad and inputs_ok and self.ignored_bad < event.number:
                 self._fail(self._forward_message(event, out_bad[0]))
-                return
+                return True
             if out_bad or ignored:
                 continue
             if (self.collect_stats or self.s["warn_dtype"]) and event.outputs:
                 self._measure(event.path, event.outputs[0])
-        grad_out_ok: dict[tuple[int, int], bool] = {}
-        for side, module, path, call, slot, grad in grads:
-            key = (id(module), call)
-            if key in self.fwd_bad:
-                continue  # its forward was already non-finite
-            if side == "out":
-                grad_out_ok[key] = grad_out_ok.get(key, True) and not bad(slot)
-            elif grad_out_ok.get(key, True) and bad(slot):
-                self._fail(self._backward_message(module, path, call, grad))
-                return
+        return False
 
     def _measure(self, path, t) -> None:
         if t is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 
 import numpy as np
 import pytest
@@ -462,6 +463,101 @@ def test_the_pytest_guard_still_names_the_first_offender_among_many(tmp_path):
     message = guard.finish()
     assert "forward of module 'blocks.3.0' (Linear)" in message, message
     assert "own parameters are non-finite (weight)" in message
+
+
+GUARD_SETTINGS = {"ops": False, "nan_only": False, "ignore": None, "warn_dtype": None}
+GUARD_SETTINGS |= {"record": False, "golden": None, "rtol": 0.1}
+
+
+class Chain(nn.Module):
+    """``depth`` Linear layers whose outputs are 1 MiB each, and a last module that
+    counts how many of them are still alive when the forward reaches it."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(256, 256) for _ in range(depth))
+        self.outputs: list = []
+        self.alive_at_end = 0
+
+    def forward(self, x):
+        self.outputs.clear()
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+            self.outputs.append(weakref.ref(x))
+        self.alive_at_end = sum(ref() is not None for ref in self.outputs)
+        return x
+
+
+def test_the_pytest_guard_holds_a_budget_of_a_forwards_tensors_not_all_of_them():
+    """A guarded call keeps its inputs and outputs (to describe a failure) only until
+    a flush has judged it: a deep inference forward does not hold every layer's
+    output to its end (a test that checks its own peak memory would fail)."""
+    from stabilizer.pytest_plugin import _Guard
+
+    model = Chain(24)
+    x = torch.randn(1024, 256)
+    with torch.no_grad():
+        model(x)
+        unguarded = model.alive_at_end
+        guard = _Guard("test", GUARD_SETTINGS, None)
+        guard.install(None)
+        for _ in range(2):  # the first forward budgets the ones after it
+            model(x)
+        assert guard.finish() is None
+    assert unguarded <= 2  # tanh's output and the one before it
+    assert model.alive_at_end <= 8, model.alive_at_end  # about one 2 MiB budget, not 24
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_the_pytest_guard_names_the_first_offender_past_many_flushes(where):
+    """Calls and gradients judged in batches, as flushes settle them, are judged in the
+    order they fired: a NaN deep in a long chain is named where it was made, with its
+    tensors described, however many flushes came before or after it."""
+    from stabilizer.pytest_plugin import _Guard
+
+    model = Chain(24)
+    x = torch.randn(1024, 256)
+    bad_backward = BadBackward()
+    model.layers[9] = nn.Sequential(model.layers[9], bad_backward)
+    guard = _Guard("test", GUARD_SETTINGS, None)
+    guard.install(None)
+    model(x).sum().backward()  # a clean first step: its forward budgets the next passes
+    model.zero_grad()
+    if where == "forward":
+        with torch.no_grad():
+            model.layers[15].weight[0, 0] = math.nan
+    else:
+        bad_backward.on = True
+    model(x).sum().backward()
+    message = guard.finish()
+    assert message is not None
+    if where == "forward":
+        assert "forward of module 'layers.15' (Linear), call 2" in message, message
+        assert "input (finite): shape [1024, 256] float32" in message
+        assert "own parameters are non-finite (weight)" in message
+    else:
+        assert "backward of module 'layers.9.1' (BadBackward)" in message, message
+        assert "gradient w.r.t. output: finite" in message
+
+
+class NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.nan
+
+
+class BadBackward(nn.Module):
+    """Finite forward; once switched on, a NaN gradient (a broken custom backward)."""
+
+    on = False
+
+    def forward(self, x):
+        return NaNGradient.apply(x) if self.on else x
 
 
 def test_lora_adapters_carry_hooks_only_while_a_full_step_runs():

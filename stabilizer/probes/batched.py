@@ -415,6 +415,18 @@ class PassReducer:
         tensor changed in place before the reduction) or that was empty (nothing to
         measure, nothing wrong)."""
         self.flush()
+        chunks, row_of = self.readings()
+        return chunks, row_of, list(self._numels)
+
+    @property
+    def settled(self) -> int:
+        """How many leading slots have their final reading: every slot but the pending
+        ones, which are always the newest (a flush reduces all that are pending)."""
+        return len(self._tensors) - len(self._pending)
+
+    def readings(self) -> tuple[list[torch.Tensor], list[int | None]]:
+        """``finish()``'s chunks and rows for the slots reduced so far, without a flush
+        (the noting goes on); a slot at or past ``settled`` has no row yet."""
         row_of: list[int | None] = [None] * len(self._tensors)
         stale = self._stale
         row = 0
@@ -423,4 +435,4 @@ class PassReducer:
                 if not stale[s]:
                     row_of[s] = row
                 row += 1
-        return [c.values for c in self._chunks], row_of, list(self._numels)
+        return [c.values for c in self._chunks], row_of
