@@ -679,38 +679,34 @@ class _Guard:
         budget flush has settled, and let their tensors go: a call keeps its inputs,
         outputs and arguments (to describe a failure) only until it is judged, so a
         guarded forward holds about one budget of them, not every call's."""
-        reducer = self.reducer
-        self.flushes_judged = reducer.flushes
-        settled = reducer.settled
-        ready = 0
-        for event in self.done:
-            if max(event.in_slots + event.out_slots, default=-1) >= settled:
-                break
-            ready += 1
-        if not ready or self.failure is not None:
-            return
+        ready = self._settled(self.done, lambda e: max(e.in_slots + e.out_slots, default=-1))
         events, self.done = self.done[:ready], self.done[ready:]
-        with self._unwatched():
-            chunks, row_of = reducer.readings()
-            self._judge_forward(events, self._bad_slot(chunks, row_of))
+        self._judge_now(self._judge_forward, events)
 
     def _judge_settled_grads(self) -> None:
         """As :meth:`_judge_settled`, for a running backward's gradients: each is held
         (to describe a failure) only until a flush has settled and judged it."""
-        reducer = self.reducer
-        self.flushes_judged = reducer.flushes
-        settled = reducer.settled
+        ready = self._settled(self.grad_events, lambda g: g[4])
+        grads, self.grad_events = self.grad_events[:ready], self.grad_events[ready:]
+        self._judge_now(self._judge_grads, grads)
+
+    def _settled(self, queue: list, last_slot) -> int:
+        """How many leading entries of ``queue`` have every reading settled (a flush
+        reduces all that is pending, so they are a prefix in firing order)."""
+        self.flushes_judged = self.reducer.flushes
+        settled = self.reducer.settled
         ready = 0
-        for event in self.grad_events:
-            if event[4] >= settled:
+        for entry in queue:
+            if last_slot(entry) >= settled:
                 break
             ready += 1
-        if not ready or self.failure is not None:
-            return
-        grads, self.grad_events = self.grad_events[:ready], self.grad_events[ready:]
-        with self._unwatched():
-            chunks, row_of = reducer.readings()
-            self._judge_grads(grads, self._bad_slot(chunks, row_of))
+        return ready
+
+    def _judge_now(self, judge, entries: list) -> None:
+        if entries and self.failure is None:
+            with self._unwatched():
+                chunks, row_of = self.reducer.readings()
+                judge(entries, self._bad_slot(chunks, row_of))
 
     def _bad_slot(self, chunks, row_of):
         values = self._read(chunks)  # one read (on a GPU, the one sync) for these slots

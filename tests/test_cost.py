@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from faults import NaNBackward
 from rich.console import Console
 from torch import nn
 
@@ -541,23 +542,13 @@ def test_the_pytest_guard_names_the_first_offender_past_many_flushes(where):
         assert "gradient w.r.t. output: finite" in message
 
 
-class NaNGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * math.nan
-
-
 class BadBackward(nn.Module):
     """Finite forward; once switched on, a NaN gradient (a broken custom backward)."""
 
     on = False
 
     def forward(self, x):
-        return NaNGradient.apply(x) if self.on else x
+        return NaNBackward.apply(x) if self.on else x
 
 
 def test_lora_adapters_carry_hooks_only_while_a_full_step_runs():
