@@ -410,6 +410,7 @@ class _Guard:
 
     # ---- setup
     def install(self, model) -> None:
+        import numpy
         import torch
         import torch.optim.optimizer as optim_hooks
         from torch.nn.modules import module as module_hooks
@@ -418,6 +419,7 @@ class _Guard:
         from stabilizer.probes.gradhooks import SharedGradHooks
 
         self.torch = torch
+        self.np = numpy
         self._measurable = measurable
         # One hook per tensor however many module calls it passes through (a layer's
         # output is its container's output and the next layer's input).
@@ -427,6 +429,7 @@ class _Guard:
         self.forward_bytes = None
         self.reducer = self._new_reducer()
         self.flushes_judged = 0  # the reducer's flushes whose settled calls are judged
+        self.host_readings = (None, 0, [])  # (reducer, chunks read, their host rows)
         if model is not None:
             self.scope, self.scope_params = set(), set()
             self.add_scope(model)
@@ -706,10 +709,18 @@ class _Guard:
         if entries and self.failure is None:
             with self._unwatched():
                 chunks, row_of = self.reducer.readings()
-                judge(entries, self._bad_slot(chunks, row_of))
+                judge(entries, self._bad_slot(self.reducer, chunks, row_of))
 
-    def _bad_slot(self, chunks, row_of):
-        values = self._read(chunks)  # one read (on a GPU, the one sync) for these slots
+    def _bad_slot(self, reducer, chunks, row_of):
+        # Each chunk goes to the host once: a pass judged in pieces reads only the
+        # chunks its last flush added (on a GPU, one read per piece).
+        owner, read, parts = self.host_readings
+        if owner is not reducer:
+            read, parts = 0, []
+        if len(chunks) > read:
+            parts = parts + [self._read(chunks[read:])]
+        self.host_readings = (reducer, len(chunks), parts)
+        values = self.np.concatenate(parts) if parts else self._read([])
 
         def bad(slot: int) -> bool:
             row = row_of[slot]  # None: changed in place before the reduction (unknown)
@@ -730,7 +741,8 @@ class _Guard:
         if self.failure is not None or not (done or grads):
             return
         chunks, row_of, _ = reducer.finish()
-        bad = self._bad_slot(chunks, row_of)  # the one read of this pass
+        bad = self._bad_slot(reducer, chunks, row_of)  # the last read of this pass
+        self.host_readings = (None, 0, [])  # the pass is over: its reducer is let go
         if not self._judge_forward(done, bad):
             self._judge_grads(grads, bad)
 

@@ -413,6 +413,10 @@ def test_readings_of_a_pass_wait_for_its_end_and_hold_no_graph():
     assert record.clean
 
 
+GUARD_SETTINGS = {"ops": False, "nan_only": False, "ignore": None, "warn_dtype": None}
+GUARD_SETTINGS |= {"record": False, "golden": None, "rtol": 0.1}
+
+
 def test_the_pytest_guard_adds_the_same_ops_however_deep_the_model(monkeypatch):
     """``pytest --nan-guard`` notes every module call's tensors and reduces each pass
     at once: no op (and no host read) per tensor, so depth costs it nothing in ops.
@@ -422,15 +426,12 @@ def test_the_pytest_guard_adds_the_same_ops_however_deep_the_model(monkeypatch):
 
     monkeypatch.setattr(PassReducer, "strategy", "multi-tensor")
 
-    settings = {"ops": False, "nan_only": False, "ignore": None, "warn_dtype": None}
-    settings |= {"record": False, "golden": None, "rtol": 0.1}
-
     def extra_ops(depth: int) -> dict[str, int]:
         counts = {}
         for guarded in (False, True):
             model = Stack(depth)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            guard = _Guard("test", settings, None)
+            guard = _Guard("test", GUARD_SETTINGS, None)
             if guarded:
                 guard.install(None)
             counter = OpCounter(optimizer)
@@ -453,12 +454,10 @@ def test_the_pytest_guard_adds_the_same_ops_however_deep_the_model(monkeypatch):
 def test_the_pytest_guard_still_names_the_first_offender_among_many(tmp_path):
     from stabilizer.pytest_plugin import _Guard
 
-    settings = {"ops": False, "nan_only": False, "ignore": None, "warn_dtype": None}
-    settings |= {"record": False, "golden": None, "rtol": 0.1}
     model = Stack(6)
     with torch.no_grad():
         model.blocks[3][0].weight[0, 0] = math.inf  # block 3's Linear: inf * x, then inf-inf
-    guard = _Guard("test", settings, None)
+    guard = _Guard("test", GUARD_SETTINGS, None)
     guard.install(None)
     model(**batch())["loss"].backward()
     message = guard.finish()
@@ -466,13 +465,9 @@ def test_the_pytest_guard_still_names_the_first_offender_among_many(tmp_path):
     assert "own parameters are non-finite (weight)" in message
 
 
-GUARD_SETTINGS = {"ops": False, "nan_only": False, "ignore": None, "warn_dtype": None}
-GUARD_SETTINGS |= {"record": False, "golden": None, "rtol": 0.1}
-
-
 class Chain(nn.Module):
-    """``depth`` Linear layers whose outputs are 1 MiB each, and a last module that
-    counts how many of them are still alive when the forward reaches it."""
+    """``depth`` Linear layers whose outputs are 1 MiB each; the forward counts how many
+    of them are still alive when it reaches its end."""
 
     def __init__(self, depth: int) -> None:
         super().__init__()
